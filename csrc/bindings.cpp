@@ -1,0 +1,73 @@
+// The one Python module of the extension, fastseq._C: every op's entry points, each dispatched on the device of
+// its first tensor to the CPU kernels (csrc/cpu) or the CUDA kernels (csrc/cuda, in CUDA builds only).
+#include <torch/extension.h>
+
+#include "layer_norm.h"
+#include "rnn_cell.h"
+
+namespace {
+
+// Calls fastseq::cpu::fn or fastseq::cuda::fn by the device of `t`; a CUDA tensor in a CPU-only build is an error.
+#ifdef WITH_CUDA
+#define FASTSEQ_DISPATCH(t, fn, ...) \
+  ((t).is_cuda() ? fastseq::cuda::fn(__VA_ARGS__) : fastseq::cpu::fn(__VA_ARGS__))
+#else
+#define FASTSEQ_DISPATCH(t, fn, ...)                                                                            \
+  ([&] {                                                                                                        \
+    TORCH_CHECK(!(t).is_cuda(), #fn ": fastseq._C was built without CUDA; rebuild where nvcc is found or with " \
+                                "FASTSEQ_FORCE_CUDA=1");                                                       \
+    return fastseq::cpu::fn(__VA_ARGS__);                                                                       \
+  }())
+#endif
+
+using OptTensor = std::optional<at::Tensor>;
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastseq fused kernels (C++ CPU and CUDA)";
+#ifdef WITH_CUDA
+#define FASTSEQ_STR2(x) #x
+#define FASTSEQ_STR(x) FASTSEQ_STR2(x)
+  m.attr("with_cuda") = true;
+  m.attr("cuda_archs") = FASTSEQ_STR(FASTSEQ_CUDA_ARCHS);  // e.g. "sm80_sm90"
+#else
+  m.attr("with_cuda") = false;
+#endif
+#ifdef CPU_CAPABILITY_AVX2
+  m.attr("cpu_capability") = "AVX2";
+#else
+  m.attr("cpu_capability") = "DEFAULT";
+#endif
+
+  m.def("layer_norm_fwd", [](const at::Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
+    return FASTSEQ_DISPATCH(x, layer_norm_fwd, x, w, b, eps);
+  }, "y, mean, rstd = layer_norm_fwd(x (M,N), weight (N,)?, bias (N,)?, eps)");
+  m.def("layer_norm_bwd", [](const at::Tensor& dy, const at::Tensor& x, const OptTensor& w, const at::Tensor& mean,
+                             const at::Tensor& rstd, bool need_dw, bool need_db) {
+    return FASTSEQ_DISPATCH(x, layer_norm_bwd, dy, x, w, mean, rstd, need_dw, need_db);
+  }, "dx, dweight, dbias = layer_norm_bwd(dy, x, weight?, mean, rstd, need_dweight, need_dbias)");
+
+  m.def("lstm_cell_fwd", [](const at::Tensor& ig, const at::Tensor& hg, const at::Tensor& cx, const OptTensor& b_ih,
+                            const OptTensor& b_hh, const OptTensor& peephole) {
+    return FASTSEQ_DISPATCH(ig, lstm_cell_fwd, ig, hg, cx, b_ih, b_hh, peephole);
+  }, "hy, cy, workspace = lstm_cell_fwd(igates, hgates, cx, b_ih?, b_hh?, peephole?)");
+  m.def("lstm_cell_bwd", [](const at::Tensor& dhy, const at::Tensor& dcy, const at::Tensor& cx, const at::Tensor& cy,
+                            const at::Tensor& ws, const OptTensor& peephole) {
+    return FASTSEQ_DISPATCH(ws, lstm_cell_bwd, dhy, dcy, cx, cy, ws, peephole);
+  }, "dgates, dcx, dpeephole = lstm_cell_bwd(dhy, dcy, cx, cy, workspace, peephole?)");
+  m.def("gru_cell_fwd", [](const at::Tensor& ig, const at::Tensor& hg, const at::Tensor& hx, const OptTensor& b_ih,
+                           const OptTensor& b_hh) {
+    return FASTSEQ_DISPATCH(ig, gru_cell_fwd, ig, hg, hx, b_ih, b_hh);
+  }, "hy, workspace = gru_cell_fwd(igates, hgates, hx, b_ih?, b_hh?)");
+  m.def("gru_cell_bwd", [](const at::Tensor& dhy, const at::Tensor& hx, const at::Tensor& ws) {
+    return FASTSEQ_DISPATCH(ws, gru_cell_bwd, dhy, hx, ws);
+  }, "d_igates, d_hgates, dhx_direct = gru_cell_bwd(dhy, hx, workspace)");
+  m.def("rnn_cell_fwd", [](const at::Tensor& ig, const at::Tensor& hg, const OptTensor& b_ih, const OptTensor& b_hh,
+                           const std::string& nonlinearity) {
+    return FASTSEQ_DISPATCH(ig, rnn_cell_fwd, ig, hg, b_ih, b_hh, nonlinearity);
+  }, "hy = rnn_cell_fwd(igates, hgates, b_ih?, b_hh?, nonlinearity)");
+  m.def("rnn_cell_bwd", [](const at::Tensor& dhy, const at::Tensor& hy, const std::string& nonlinearity) {
+    return FASTSEQ_DISPATCH(hy, rnn_cell_bwd, dhy, hy, nonlinearity);
+  }, "dgates = rnn_cell_bwd(dhy, hy, nonlinearity)");
+}

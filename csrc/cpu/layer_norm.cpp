@@ -1,0 +1,228 @@
+// Layer norm on the CPU: one pass of statistics and one of output per row, rows in parallel.
+//   mean = sum_j x_j / N, var = sum_j (x_j - mean)^2 / N, rstd = 1 / sqrt(var + eps)
+//   y_j = (x_j - mean) * rstd * w_j + b_j
+//   backward: xhat = (x - mean) * rstd, g = dy * w, dx = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat)),
+//             dw = sum_rows dy * xhat, db = sum_rows dy
+// float32 and float64 rows are read in place; bfloat16 rows are widened to float32 in a per-thread buffer.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <cmath>
+#include <vector>
+
+#include "layer_norm.h"
+
+namespace fastseq::cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+// The type statistics are computed in: float for float32/bfloat16, double for float64.
+template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Rows of a reduced-precision type are widened into `buf` (N floats); float/double rows are used in place.
+template <typename T>
+const acc_t<T>* widen(const T* row, int64_t N, std::vector<acc_t<T>>& buf) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return row;
+  } else {
+    at::vec::convert(row, buf.data(), N);
+    return buf.data();
+  }
+}
+
+template <typename T>
+void narrow(const acc_t<T>* src, T* dst, int64_t N) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    if (src != dst) std::copy(src, src + N, dst);
+  } else {
+    at::vec::convert(src, dst, N);
+  }
+}
+
+// mean and 1/sqrt(var + eps) of one row x (N,), two passes over the row (it stays in cache).
+template <typename A>
+void row_stats(const A* x, int64_t N, double eps, A& mean, A& rstd) {
+  using V = Vectorized<A>;
+  const A sum = at::vec::reduce_all<A>([](V& a, V& b) { return a + b; }, x, N);
+  mean = sum / static_cast<A>(N);
+  const A m = mean;
+  const A ssq = at::vec::map_reduce_all<A>(
+      [m](V v) { V d = v - V(m); return d * d; }, [](V a, V b) { return a + b; }, x, N);
+  rstd = A(1) / std::sqrt(ssq / static_cast<A>(N) + static_cast<A>(eps));
+}
+
+template <typename T>
+void fwd_kernel(const T* x, const T* w, const T* b, T* y, acc_t<T>* mean, acc_t<T>* rstd, int64_t M, int64_t N,
+                double eps) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  // x, y: (M, N); w, b: (N,) or null; mean, rstd: (M,)
+  std::vector<A> wa, ba;  // weight and bias widened once
+  if (w) { wa.resize(N); at::vec::convert(w, wa.data(), N); }
+  if (b) { ba.resize(N); at::vec::convert(b, ba.data(), N); }
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), ybuf(N);
+    for (const auto r : c10::irange(begin, end)) {
+      const A* xr = widen(x + r * N, N, xbuf);
+      A mu, rs;
+      row_stats(xr, N, eps, mu, rs);
+      mean[r] = mu;
+      rstd[r] = rs;
+      A* yr = std::is_same_v<T, A> ? reinterpret_cast<A*>(y + r * N) : ybuf.data();
+      const V vs(rs), vsh(-mu * rs);
+      int64_t j = 0;
+      for (; j + V::size() <= N; j += V::size()) {
+        V v = V::loadu(xr + j) * vs + vsh;
+        if (w) v = v * V::loadu(wa.data() + j);
+        if (b) v = v + V::loadu(ba.data() + j);
+        v.store(yr + j);
+      }
+      for (; j < N; ++j) {
+        A v = xr[j] * rs - mu * rs;
+        if (w) v *= wa[j];
+        if (b) v += ba[j];
+        yr[j] = v;
+      }
+      narrow<T>(yr, y + r * N, N);
+    }
+  });
+}
+
+template <typename T>
+void bwd_kernel(const T* dy, const T* x, const T* w, const acc_t<T>* mean, const acc_t<T>* rstd, T* dx,
+                acc_t<T>* dw_part, acc_t<T>* db_part, int64_t M, int64_t N) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  // dy, x, dx: (M, N); w: (N,) or null; mean, rstd: (M,);
+  // dw_part, db_part: (num_threads, N) zero-filled partial sums, or null when not needed
+  std::vector<A> wa;
+  if (w) { wa.resize(N); at::vec::convert(w, wa.data(), N); }
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    const bool widened = !std::is_same_v<T, A>;
+    std::vector<A> xbuf(widened ? N : 0), dybuf(widened ? N : 0), g(N), dxbuf(N);
+    A* dwp = dw_part ? dw_part + at::get_thread_num() * N : nullptr;
+    A* dbp = db_part ? db_part + at::get_thread_num() * N : nullptr;
+    for (const auto r : c10::irange(begin, end)) {
+      const A* xr = widen(x + r * N, N, xbuf);
+      const A* dyr = widen(dy + r * N, N, dybuf);
+      const A mu = mean[r], rs = rstd[r];
+      const V vmu(mu), vrs(rs);
+      // g = dy * w; sums of g and g * xhat; partial dw, db
+      V sg(0), sgx(0);
+      int64_t j = 0;
+      for (; j + V::size() <= N; j += V::size()) {
+        const V d = V::loadu(dyr + j), xh = (V::loadu(xr + j) - vmu) * vrs;
+        const V gv = w ? d * V::loadu(wa.data() + j) : d;
+        gv.store(g.data() + j);
+        sg = sg + gv;
+        sgx = sgx + gv * xh;
+        if (dwp) (V::loadu(dwp + j) + d * xh).store(dwp + j);
+        if (dbp) (V::loadu(dbp + j) + d).store(dbp + j);
+      }
+      A s1 = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, sg);
+      A s2 = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, sgx);
+      for (; j < N; ++j) {
+        const A xh = (xr[j] - mu) * rs, gv = w ? dyr[j] * wa[j] : dyr[j];
+        g[j] = gv;
+        s1 += gv;
+        s2 += gv * xh;
+        if (dwp) dwp[j] += dyr[j] * xh;
+        if (dbp) dbp[j] += dyr[j];
+      }
+      const A a = s1 / static_cast<A>(N), c = s2 / static_cast<A>(N);
+      A* dxr = widened ? dxbuf.data() : reinterpret_cast<A*>(dx + r * N);
+      const V va(a), vc(c);
+      for (j = 0; j + V::size() <= N; j += V::size()) {
+        const V xh = (V::loadu(xr + j) - vmu) * vrs;
+        (vrs * (V::loadu(g.data() + j) - va - xh * vc)).store(dxr + j);
+      }
+      for (; j < N; ++j) dxr[j] = rs * (g[j] - a - (xr[j] - mu) * rs * c);
+      narrow<T>(dxr, dx + r * N, N);
+    }
+  });
+}
+
+void check_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "layer_norm: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "layer_norm: ", name, " must be a contiguous 2-D tensor, got shape ",
+              t.sizes(), t.is_contiguous() ? "" : " (non-contiguous)");
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16,
+              "layer_norm (cpu): ", name, " must be float32, float64 or bfloat16, got ", dt);
+}
+
+const void* check_param(const std::optional<at::Tensor>& p, const at::Tensor& x, const char* name) {
+  if (!p || !p->defined()) return nullptr;
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), "layer_norm: ", name, " must have shape (", x.size(1),
+              ",), got ", p->sizes());
+  TORCH_CHECK(p->scalar_type() == x.scalar_type(), "layer_norm: ", name, " dtype ", p->scalar_type(),
+              " does not match input dtype ", x.scalar_type());
+  TORCH_CHECK(p->device() == x.device() && p->is_contiguous(), "layer_norm: ", name,
+              " must be a contiguous tensor on ", x.device());
+  return p->data_ptr();
+}
+
+at::ScalarType stat_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  check_2d(x, "input");
+  check_param(weight, x, "weight");
+  check_param(bias, x, "bias");
+  const int64_t M = x.size(0), N = x.size(1);
+  auto y = at::empty_like(x);
+  auto mean = at::empty({M}, x.options().dtype(stat_type(x)));
+  auto rstd = at::empty({M}, x.options().dtype(stat_type(x)));
+  if (M == 0 || N == 0) return {y, mean.fill_(0), rstd.fill_(1.0 / std::sqrt(eps))};
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "layer_norm_fwd", [&] {
+    auto param = [](const std::optional<at::Tensor>& p) {
+      return p && p->defined() ? p->data_ptr<scalar_t>() : nullptr;
+    };
+    fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), param(weight), param(bias), y.data_ptr<scalar_t>(),
+                         mean.data_ptr<acc_t<scalar_t>>(), rstd.data_ptr<acc_t<scalar_t>>(), M, N, eps);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& rstd, bool need_dweight, bool need_dbias) {
+  check_2d(x, "input");
+  check_2d(dy, "grad_output");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "layer_norm_bwd: grad_output ",
+              dy.sizes(), " ", dy.scalar_type(), " must match input ", x.sizes(), " ", x.scalar_type());
+  check_param(weight, x, "weight");
+  const int64_t M = x.size(0), N = x.size(1);
+  TORCH_CHECK(mean.numel() == M && rstd.numel() == M && mean.scalar_type() == stat_type(x) &&
+                  rstd.scalar_type() == stat_type(x) && mean.is_contiguous() && rstd.is_contiguous(),
+              "layer_norm_bwd: mean and rstd must be contiguous (", M, ",) ", stat_type(x), " tensors, got ",
+              mean.sizes(), " ", mean.scalar_type(), " and ", rstd.sizes(), " ", rstd.scalar_type());
+  auto dx = at::empty_like(x);
+  const int64_t parts = at::get_num_threads();
+  auto acc_opts = x.options().dtype(stat_type(x));
+  auto dw_part = need_dweight ? at::zeros({parts, N}, acc_opts) : at::Tensor();
+  auto db_part = need_dbias ? at::zeros({parts, N}, acc_opts) : at::Tensor();
+  if (M > 0 && N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "layer_norm_bwd", [&] {
+      using A = acc_t<scalar_t>;
+      bwd_kernel<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                           weight && weight->defined() ? weight->data_ptr<scalar_t>() : nullptr,
+                           mean.data_ptr<A>(), rstd.data_ptr<A>(), dx.data_ptr<scalar_t>(),
+                           need_dweight ? dw_part.data_ptr<A>() : nullptr,
+                           need_dbias ? db_part.data_ptr<A>() : nullptr, M, N);
+    });
+  }
+  auto dw = need_dweight ? dw_part.sum(0).to(x.scalar_type()) : at::Tensor();
+  auto db = need_dbias ? db_part.sum(0).to(x.scalar_type()) : at::Tensor();
+  return {dx, dw, db};
+}
+
+}  // namespace fastseq::cpu

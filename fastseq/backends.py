@@ -1,0 +1,121 @@
+"""Which backends exist here and which one runs an op.
+
+Backends: ``cpu`` (C++ in fastseq._C), ``cuda`` (CUDA C++ in fastseq._C), ``triton`` (fastseq.kernels, on a GPU or
+on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1), ``reference`` (pure PyTorch, always there).
+A backend is requested with ``FASTSEQ_BACKEND=name`` or ``with fastseq.backend("name"):``; otherwise each device has
+a default order. When the first choice cannot run an op on the given inputs, the next one does, with a one-time
+warning that names the reason: never silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastseq_backend", default=None)
+_warned: set[tuple[str, str, str]] = set()
+
+
+@functools.cache
+def extension():
+    """The compiled extension fastseq._C, or None when it is not built."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend `name` cannot run here, or None when it can."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "reference":
+        return None
+    if name in ("cpu", "cuda") and extension() is None:
+        return "the extension fastseq._C is not built (pip install --no-build-isolation -e .)"
+    if name == "cuda":
+        if not extension().with_cuda:
+            return "fastseq._C was built without CUDA"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not torch.cuda.is_available() and not triton_interpreting():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+    return None
+
+
+def available() -> list[str]:
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run fastseq ops on backend `name` inside the block (falling back, with a warning, where it cannot)."""
+    unavailable_reason(name)  # validates the name
+    token = _requested.set(name)
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def requested() -> str | None:
+    name = _requested.get() or os.environ.get("FASTSEQ_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"FASTSEQ_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _reject(name: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[str, frozenset]) -> str | None:
+    if name not in dtypes:
+        return f"the {name} backend does not implement this op"
+    reason = unavailable_reason(name)
+    if reason:
+        return reason
+    if name == "cpu" and device.type != "cpu":
+        return f"the cpu backend needs CPU tensors, got {device}"
+    if name == "cuda" and device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got {device}"
+    if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
+        return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
+    if dtype not in dtypes[name]:
+        return f"the {name} backend does not support {dtype}"
+    return None
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[str, frozenset]) -> str:
+    """The backend that runs `op` on tensors of `device` and `dtype`. `dtypes` maps each backend that implements
+    the op to the dtypes it supports ("reference" supports every floating dtype)."""
+    first = requested()
+    order = DEFAULT_ORDER.get(device.type, ("reference",))
+    candidates = ([first] if first else []) + [b for b in order if b != first]
+    rejected: list[str] = []
+    chosen = "reference"
+    for name in candidates:
+        reason = None if name == "reference" else _reject(name, device, dtype, dtypes)
+        if reason is None:
+            chosen = name
+            break
+        rejected.append(f"{name}: {reason}")
+    if rejected:
+        key = (op, chosen, rejected[0])
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"fastseq: {op} runs on the {chosen} backend ({'; '.join(rejected)})", stacklevel=4)
+    return chosen

@@ -1,0 +1,5 @@
+"""Drop-in modules: the constructor arguments, parameter names, initialisation and state_dict of their torch.nn
+counterparts, with forward on fastseq's kernels."""
+from .normalization import LayerNorm
+
+__all__ = ["LayerNorm"]

@@ -1,0 +1,99 @@
+"""fastseq::layer_norm and fastseq::layer_norm_backward."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+
+DTYPES = {
+    "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
+    "cuda": frozenset({torch.float32, torch.float16, torch.bfloat16}),
+    "triton": frozenset({torch.float32, torch.float16, torch.bfloat16}),
+}
+
+
+def _flat(x: Tensor, normalized_shape: list[int]) -> tuple[Tensor, int]:
+    n = math.prod(normalized_shape)
+    return x.reshape(-1, n).contiguous(), n
+
+
+def _flat_param(p: Tensor | None, n: int) -> Tensor | None:
+    return None if p is None else p.reshape(n).contiguous()
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastseq::layer_norm", mutates_args=())
+def layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """y, mean, rstd: layer norm over the trailing dims `normalized_shape`; mean and rstd have one entry per row."""
+    x2, n = _flat(x, normalized_shape)
+    w, b = _flat_param(weight, n), _flat_param(bias, n)
+    name = backends.select("layer_norm", x.device, x.dtype, DTYPES)
+    if name in ("cpu", "cuda"):
+        y, mean, rstd = backends.extension().layer_norm_fwd(x2, w, b, eps)
+    elif name == "triton":
+        from ..kernels import layer_norm as tk
+
+        y, mean, rstd = tk.layer_norm_fwd(x2, w, b, eps)
+    else:
+        y, mean, rstd = reference.layer_norm_forward(x2, w, b, eps)
+    return y.reshape(x.shape), mean.to(_stat_dtype(x)), rstd.to(_stat_dtype(x))
+
+
+@layer_norm.register_fake
+def _(x, normalized_shape, weight, bias, eps):
+    m = math.prod(x.shape[: x.dim() - len(normalized_shape)])
+    return torch.empty_like(x), x.new_empty(m, dtype=_stat_dtype(x)), x.new_empty(m, dtype=_stat_dtype(x))
+
+
+@torch.library.custom_op("fastseq::layer_norm_backward", mutates_args=())
+def layer_norm_backward(dy: Tensor, x: Tensor, normalized_shape: list[int], weight: Tensor | None, mean: Tensor,
+                        rstd: Tensor, need_dweight: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dx, dweight, dbias (dweight/dbias shaped like normalized_shape; empty where not needed)."""
+    x2, n = _flat(x, normalized_shape)
+    dy2 = dy.reshape(-1, n).contiguous()
+    w = _flat_param(weight, n)
+    name = backends.select("layer_norm", x.device, x.dtype, DTYPES)
+    if name in ("cpu", "cuda"):
+        dx, dw, db = backends.extension().layer_norm_bwd(dy2, x2, w, mean, rstd, need_dweight, need_dbias)
+    elif name == "triton":
+        from ..kernels import layer_norm as tk
+
+        dx, dw, db = tk.layer_norm_bwd(dy2, x2, w, mean, rstd, need_dweight, need_dbias)
+    else:
+        dx, dw, db = reference.layer_norm_backward(dy2, x2, w, mean, rstd)
+    dw = dw.reshape(normalized_shape).to(x.dtype) if need_dweight else x.new_empty(0)
+    db = db.reshape(normalized_shape).to(x.dtype) if need_dbias else x.new_empty(0)
+    return dx.reshape(x.shape), dw, db
+
+
+@layer_norm_backward.register_fake
+def _(dy, x, normalized_shape, weight, mean, rstd, need_dweight, need_dbias):
+    dw = x.new_empty(normalized_shape) if need_dweight else x.new_empty(0)
+    db = x.new_empty(normalized_shape) if need_dbias else x.new_empty(0)
+    return torch.empty_like(x), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, normalized_shape, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.normalized_shape = normalized_shape
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_dw = weight is not None and ctx.needs_input_grad[2]
+    need_db = ctx.has_bias and ctx.needs_input_grad[3]
+    dx, dw, db = layer_norm_backward(dy, x, ctx.normalized_shape, weight, mean, rstd, need_dw, need_db)
+    return dx, None, dw if need_dw else None, db if need_db else None, None
+
+
+layer_norm.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,95 @@
+"""Ahead-of-time compile check of every Triton kernel (no GPU needed).
+
+Each kernel module lists its configurations as ``AOT_SPECS``; this compiles each for sm_80 and sm_90, prints
+registers, spills and shared memory, and exits non-zero when one fails or needs more shared memory than the part.
+Run with ``python -m fastseq.kernels.aot`` (TRITON_INTERPRET must be unset).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block: A100, H100
+MODULES = ("layer_norm", "rnn_cell")
+
+
+@dataclasses.dataclass
+class AOTSpec:
+    """One configuration of one kernel: ``signature`` maps every argument to a Triton type ("*fp32", "i32",
+    "fp32", "constexpr"), ``constexprs`` gives the constexpr values."""
+
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def name(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
+        return f"{self.fn.__name__}[{params},w{self.num_warps},s{self.num_stages}]"
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """Registers and spills from cuobjdump (shipped with Triton's wheel); '?' if it is not found."""
+    from triton.backends.nvidia import compiler as nvc
+
+    try:
+        tool = os.path.join(os.path.dirname(nvc.__file__), "bin", "cuobjdump")
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", out)
+        return f"regs={m.group(1)} stack={m.group(2)}" if m else "regs=?"
+    except OSError:
+        return "regs=?"
+
+
+def specs() -> list[AOTSpec]:
+    out: list[AOTSpec] = []
+    for mod in MODULES:
+        try:
+            m = importlib.import_module(f"fastseq.kernels.{mod}")
+        except ModuleNotFoundError:
+            continue
+        out.extend(m.AOT_SPECS)
+    return out
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("triton-check: unset TRITON_INTERPRET to compile ahead of time", file=sys.stderr)
+        return 2
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    failures = 0
+    all_specs = specs()
+    for spec in all_specs:
+        for cc in (80, 90):
+            try:
+                src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+                k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                shared = k.metadata.shared
+                ok = shared <= SHARED_LIMIT[cc]
+                usage = _resource_usage(k.asm["cubin"])
+                print(f"{'ok  ' if ok else 'FAIL'} sm_{cc} {spec.name}: shared={shared} {usage}")
+                failures += not ok
+            except Exception as e:  # noqa: BLE001 - any compile error is a failure to report
+                print(f"FAIL sm_{cc} {spec.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                failures += 1
+    print(f"triton-check: {len(all_specs) * 2 - failures} compiled, {failures} failed")
+    return 1 if failures or not all_specs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

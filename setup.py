@@ -1,0 +1,69 @@
+"""Builds fastseq._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA and nvcc is found (or
+FASTSEQ_FORCE_CUDA=1). TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0")."""
+import glob
+import os
+import subprocess
+import tempfile
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _compiler_accepts(flag: str) -> bool:
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        cmd = [os.environ.get("CXX", "c++"), flag, src, "-o", os.path.join(d, "t")]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def _cpu_flags() -> list[str]:
+    """AVX2 code paths of at::vec when this CPU has them (the build runs on the machine that uses it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        flags = set()
+    if {"avx2", "fma", "f16c"} <= flags and os.environ.get("FASTSEQ_NO_AVX2") != "1":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _with_cuda() -> bool:
+    if os.environ.get("FASTSEQ_FORCE_CUDA") == "1":
+        return True
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = ["csrc/bindings.cpp"] + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17"] + _cpu_flags()
+    if _compiler_accepts("-fopenmp"):
+        cxx.append("-fopenmp")
+    ldflags = ["-fopenmp"] if "-fopenmp" in cxx else []
+    include = [os.path.join(ROOT, "csrc")]
+    if not _with_cuda():
+        return cpp_extension.CppExtension("fastseq._C", sources, include_dirs=include,
+                                          extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").replace(".", "").split()
+    cxx += ["-DWITH_CUDA", "-DFASTSEQ_CUDA_ARCHS=" + "_".join("sm" + a for a in archs)]
+    sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*_glue.cpp")
+    nvcc = ["-O3", "-std=c++17", "-lineinfo", "-DWITH_CUDA"]
+    return cpp_extension.CUDAExtension("fastseq._C", sources, include_dirs=include,
+                                       extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                                       extra_link_args=ldflags)
+
+
+setup(
+    packages=["fastseq", "fastseq.nn", "fastseq.kernels"],
+    package_dir={"fastseq": "fastseq", "fastseq.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
