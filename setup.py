@@ -62,7 +62,7 @@ def _extension():
 
 
 setup(
-    packages=["fastseq", "fastseq.nn", "fastseq.kernels"],
+    packages=["fastseq", "fastseq.nn", "fastseq.ops", "fastseq.kernels"],
     package_dir={"fastseq": "fastseq", "fastseq.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

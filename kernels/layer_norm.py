@@ -6,7 +6,7 @@ Backward: g = dy * weight,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
           dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy).
 Statistics and all arithmetic are float32; inputs and outputs are float32, float16 or bfloat16.
 
-A row that fits in one block (N <= MAX_FUSED_BYTES / element size) is held in registers; wider rows are walked in
+A row that fits in one block (N <= MAX_FUSED_FWD / MAX_FUSED_BWD) is held in registers; wider rows are walked in
 chunks twice (statistics, then normalise / dx). dweight and dbias are deterministic: each backward program sums its
 group of rows into a float32 partial row, and a second kernel sums the partials over the groups.
 """
@@ -21,10 +21,13 @@ from torch import Tensor
 
 from .aot import AOTSpec
 
-# A row of up to this many bytes is normalised from registers (16384 float32, 32768 float16/bfloat16 elements);
-# wider rows take the looped kernels with chunks of MAX_FUSED_BYTES // 4 bytes.
-MAX_FUSED_BYTES = 65536
-_SUPPORTED = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Rows of up to MAX_FUSED_FWD (forward) / MAX_FUSED_BWD (backward) elements are held in registers as float32
+# whatever the storage dtype (forward: x, weight, bias; backward: x, dy, weight and the dweight / dbias sums, so its
+# cap is half); wider rows take the looped kernels with chunks of LOOP_BLOCK elements. Larger caps spill registers.
+MAX_FUSED_FWD = 16384
+MAX_FUSED_BWD = 8192
+LOOP_BLOCK = 4096
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCE_BLOCK_G = 32
 _REDUCE_BLOCK_N = 64
 
@@ -59,7 +62,7 @@ def _layer_norm_fwd_kernel(
             mask = cols < N
             x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
             n_b = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-            n = (start + n_b).to(tl.float32)
+            n = start + n_b
             mean_b = tl.sum(x, axis=0) / n_b
             d = tl.where(mask, x - mean_b, 0.0)
             delta = mean_b - mean
@@ -208,12 +211,11 @@ def _sum_partials_kernel(
     tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=col_mask)
 
 
-def _block_n(N: int, element_size: int) -> tuple[int, bool]:
+def _block_n(N: int, max_fused: int) -> tuple[int, bool]:
     """(BLOCK_N, LOOPED) for rows of N elements."""
-    max_fused = max(MAX_FUSED_BYTES // element_size, 1)
     if N <= max_fused:
         return triton.next_power_of_2(N), False
-    return max(max_fused // 4, 1), True
+    return LOOP_BLOCK, True
 
 
 def _num_warps(block_n: int) -> int:
@@ -258,7 +260,7 @@ def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return y, mean, rstd
-    block_n, looped = _block_n(N, x.element_size())
+    block_n, looped = _block_n(N, MAX_FUSED_FWD)
     _layer_norm_fwd_kernel[(M,)](
         x, y, x if weight is None else weight, x if bias is None else bias, mean, rstd,
         x.stride(0), y.stride(0), N, eps,
@@ -300,7 +302,7 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
     if M == 0:
         zeros = torch.zeros(N, dtype=x.dtype, device=x.device)
         return dx, zeros if need_dweight else None, zeros.clone() if need_dbias else None
-    block_n, looped = _block_n(N, x.element_size())
+    block_n, looped = _block_n(N, MAX_FUSED_BWD)
     num_warps = _num_warps(block_n)
     groups = _num_groups(M, num_warps, x.device) if (need_dweight or need_dbias) else M
     rows_per_program = triton.cdiv(M, groups)
@@ -341,23 +343,23 @@ def _bwd_spec(dtype: str, block_n: int, has_weight: bool, dw: bool, db: bool, lo
 
 
 def _aot_specs() -> list[AOTSpec]:
-    """Each kernel at the block sizes of the benchmark widths (768 .. 16384) and at the caps, both looped chunk
-    sizes; every dtype with weight and bias, the weightless / biasless variants in float32 and bfloat16."""
+    """Each kernel at the caps, the looped chunk and two benchmark widths, every dtype with weight and bias; the
+    weightless / biasless variants at the caps and looped in float32 and bfloat16."""
     out: list[AOTSpec] = []
-    for dtype, size in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
-        cap = MAX_FUSED_BYTES // size
-        for block_n in sorted({1024, 4096, cap}):
+    for dtype in ("fp32", "fp16", "bf16"):
+        for block_n in (1024, 4096, MAX_FUSED_FWD):
             out.append(_fwd_spec(dtype, block_n, True, True, False))
+        out.append(_fwd_spec(dtype, LOOP_BLOCK, True, True, True))
+        for block_n in (1024, MAX_FUSED_BWD):
             out.append(_bwd_spec(dtype, block_n, True, True, True, False))
-        out.append(_fwd_spec(dtype, cap // 4, True, True, True))
-        out.append(_bwd_spec(dtype, cap // 4, True, True, True, True))
-    for dtype, size in (("fp32", 4), ("bf16", 2)):
-        cap = MAX_FUSED_BYTES // size
-        for block_n, looped in ((1024, False), (cap, False), (cap // 4, True)):
-            out.append(_fwd_spec(dtype, block_n, False, False, looped))
-            out.append(_fwd_spec(dtype, block_n, True, False, looped))
-            out.append(_bwd_spec(dtype, block_n, False, False, False, looped))
-            out.append(_bwd_spec(dtype, block_n, True, True, False, looped))
+        out.append(_bwd_spec(dtype, LOOP_BLOCK, True, True, True, True))
+    for dtype in ("fp32", "bf16"):
+        for looped in (False, True):
+            fwd_block, bwd_block = (LOOP_BLOCK, LOOP_BLOCK) if looped else (MAX_FUSED_FWD, MAX_FUSED_BWD)
+            out.append(_fwd_spec(dtype, fwd_block, False, False, looped))
+            out.append(_fwd_spec(dtype, fwd_block, True, False, looped))
+            out.append(_bwd_spec(dtype, bwd_block, False, False, False, looped))
+            out.append(_bwd_spec(dtype, bwd_block, True, True, False, looped))
     for dtype in ("fp32", "fp16", "bf16"):
         out.append(AOTSpec(_sum_partials_kernel, {"P": "*fp32", "Out": f"*{dtype}", "G": "i32", "N": "i32",
                                                   "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},

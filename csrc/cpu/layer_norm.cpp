@@ -74,16 +74,16 @@ void fwd_kernel(const T* x, const T* w, const T* b, T* y, acc_t<T>* mean, acc_t<
       mean[r] = mu;
       rstd[r] = rs;
       A* yr = std::is_same_v<T, A> ? reinterpret_cast<A*>(y + r * N) : ybuf.data();
-      const V vs(rs), vsh(-mu * rs);
+      const V vs(rs), vmu(mu);
       int64_t j = 0;
       for (; j + V::size() <= N; j += V::size()) {
-        V v = V::loadu(xr + j) * vs + vsh;
+        V v = (V::loadu(xr + j) - vmu) * vs;
         if (w) v = v * V::loadu(wa.data() + j);
         if (b) v = v + V::loadu(ba.data() + j);
         v.store(yr + j);
       }
       for (; j < N; ++j) {
-        A v = xr[j] * rs - mu * rs;
+        A v = (xr[j] - mu) * rs;
         if (w) v *= wa[j];
         if (b) v += ba[j];
         yr[j] = v;

@@ -1,0 +1,45 @@
+"""Layer norm: fastseq vs torch at M=4096, N in {768, 1024, 4096, 8192, 16384}, forward and forward+backward.
+GB/s counts the bytes an ideal kernel moves: forward 2*numel*size (read x, write y), backward 3*numel*size."""
+from __future__ import annotations
+
+import pytest
+import torch
+from common import DEVICE, QUICK, copy_gbps, peak_mib, run
+
+import fastseq
+from fastseq import functional as F
+
+M = 4096
+NS = [1024] if QUICK else [768, 1024, 4096, 8192, 16384]
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+BACKENDS = ["cuda", "triton"] if DEVICE == "cuda" else ["cpu"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("n", NS)
+def test_layer_norm(benchmark, n, mode, backend):
+    benchmark.group = f"layer_norm {mode}"
+    x = torch.randn(M, n, device=DEVICE, dtype=DTYPE, requires_grad=mode != "fwd")
+    w = torch.randn(n, device=DEVICE, dtype=DTYPE, requires_grad=mode != "fwd")
+    b = torch.randn(n, device=DEVICE, dtype=DTYPE, requires_grad=mode != "fwd")
+    dy = torch.randn(M, n, device=DEVICE, dtype=DTYPE)
+
+    def step(f):
+        def go():
+            y = f(x, (n,), w, b)
+            if mode != "fwd":
+                y.backward(dy)
+        return go
+
+    def ours():
+        with fastseq.backend(backend):
+            step(F.layer_norm)()
+
+    nbytes = x.numel() * x.element_size() * (2 if mode == "fwd" else 5)
+    run(benchmark, ours, step(torch.nn.functional.layer_norm), shape=f"M={M} N={n}", dtype=str(DTYPE),
+        backend=backend, bytes=nbytes, copy_GBps=round(copy_gbps(), 1), peak_MiB=peak_mib(ours),
+        torch_peak_MiB=peak_mib(step(torch.nn.functional.layer_norm)))
+    ms = benchmark.extra_info["ms"]
+    benchmark.extra_info["GBps"] = round(nbytes / ms / 1e6, 1)
+    benchmark.extra_info["torch_GBps"] = round(nbytes / benchmark.extra_info["torch_ms"] / 1e6, 1)

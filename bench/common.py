@@ -1,0 +1,76 @@
+"""Timing helpers for the benchmarks: medians over repeated runs after a warm-up, CUDA events on the GPU."""
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"  # a short run (CI): fewer shapes and repetitions
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], reps: int | None = None, warmup: int = 2) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on the GPU)."""
+    reps = reps or (3 if QUICK else 10)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn: Callable[[], object]) -> float | None:
+    """Peak GPU memory allocated while fn() runs, in MiB (None on the CPU, where torch does not track it)."""
+    if DEVICE != "cuda":
+        return None
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+@functools.cache
+def copy_gbps() -> float:
+    """The device's copy bandwidth in GB/s, counting bytes read and written (the bound for memory-bound ops)."""
+    n = 64 * 2**20
+    src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
+    ms = median_ms(lambda: dst.copy_(src), reps=5)
+    return 2 * n * 4 / ms / 1e6
+
+
+def run(benchmark, fn: Callable[[], object], baseline: Callable[[], object], **info) -> None:
+    """Times fn (through pytest-benchmark) and the torch baseline; puts ms, ratio and `info` into extra_info."""
+    base_ms = median_ms(baseline)
+    ours_ms = median_ms(fn)
+
+    def timed():
+        fn()
+        sync()
+
+    benchmark.pedantic(timed, rounds=3 if QUICK else 5, warmup_rounds=1)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+                                ms=round(ours_ms, 4), torch_ms=round(base_ms, 4),
+                                speedup=round(base_ms / ours_ms, 3), **info)

@@ -1,0 +1,82 @@
+"""Shared test helpers. Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET
+is set here, before anything imports triton."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import contextlib  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+
+import fastseq  # noqa: E402
+from fastseq import backends  # noqa: E402
+
+# (backend, device) pairs that run here; GPU pairs carry the `gpu` mark.
+_PAIRS = [("cpu", "cpu"), ("cuda", "cuda"), ("triton", "cuda"), ("triton", "cpu"), ("reference", "cpu")]
+
+
+def _runs(backend: str, device: str) -> bool:
+    if backends.unavailable_reason(backend) is not None:
+        return False
+    if device == "cuda":
+        return torch.cuda.is_available()
+    return backend != "triton" or backends.triton_interpreting()
+
+
+BACKEND_PARAMS = [
+    pytest.param((b, d), id=f"{b}-{d}", marks=[pytest.mark.gpu] if d == "cuda" else [])
+    for b, d in _PAIRS if _runs(b, d)
+]
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend_device(request) -> tuple[str, str]:
+    """Each backend that runs here, with the device of its tensors."""
+    return request.param
+
+
+@contextlib.contextmanager
+def on_backend(name: str):
+    """Runs the block on backend `name` and fails if any op falls back to another backend."""
+    with fastseq.backend(name), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    fallbacks = [str(w.message) for w in caught if "fastseq:" in str(w.message)]
+    assert not fallbacks, f"unexpected backend fallback: {fallbacks}"
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "") -> None:
+    """allclose, and on failure the worst element, its index and how many elements fail."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.numel() == 0:
+        return
+    err = (a - e).abs()
+    bad = err > atol + rtol * e.abs()
+    if bad.any() or not torch.isfinite(a).all():
+        i = int(torch.argmax(torch.where(torch.isnan(err), torch.inf, err)))
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), a.shape))
+        raise AssertionError(f"{name}: {int(bad.sum())}/{a.numel()} elements differ; worst at {idx}: "
+                             f"{a.flatten()[i].item()} vs {e.flatten()[i].item()} (atol={atol}, rtol={rtol})")
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item() \
+        if actual.numel() else 0.0
+
+
+def assert_within_torch_error(ours: torch.Tensor, torchs: torch.Tensor, ref: torch.Tensor, name: str,
+                              factor: float = 2.0) -> None:
+    """The rule for half types: our error against the float64 reference is at most `factor` times torch's own
+    error for the same op in the same dtype, with a floor of one rounding step of the output dtype."""
+    ulp = torch.finfo(ours.dtype).eps * max(ref.detach().abs().max().item(), 1e-3) if ref.numel() else 0.0
+    ours_err, torch_err = max_err(ours, ref), max_err(torchs, ref)
+    assert ours_err <= factor * torch_err + ulp, (
+        f"{name}: error {ours_err:.3e} vs float64 reference exceeds {factor}x torch's {torch_err:.3e} "
+        f"(+ {ulp:.1e} floor)")
