@@ -35,6 +35,11 @@ def extension():
     return _C
 
 
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -53,7 +58,7 @@ def unavailable_reason(name: str) -> str | None:
         if not torch.cuda.is_available():
             return "no CUDA device is available"
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _has_triton():
             return "triton is not installed"
         if not torch.cuda.is_available() and not triton_interpreting():
             return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"

@@ -31,7 +31,7 @@ _NONLINEARITIES = {"tanh": 0, "relu": 1}
 PW_BLOCK_N, PW_BLOCK_H, PW_WARPS = 8, 128, 4
 # Fused kernels: (BLOCK_N, BLOCK_H, BLOCK_K, num_warps, num_stages). "small" keeps many programs alive when the
 # batch is small (the step is then bound by reading the weights); "large" reuses each weight tile over 64 rows.
-FUSED_CONFIGS = {"small": (16, 32, 64, 4, 3), "large": (64, 32, 32, 4, 3)}
+FUSED_CONFIGS = {"small": (16, 32, 32, 4, 3), "large": (64, 32, 32, 8, 3)}
 FUSED_LARGE_MIN_N = 256
 
 
@@ -348,35 +348,36 @@ def _rnn_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fused forward kernels: GEMMs + gate math. Grid: (cdiv(N, BLOCK_N), cdiv(H, BLOCK_H)).
-# x, hx and the weights may have any strides; a weight tile is read transposed: (BLOCK_K, BLOCK_H) =
-# W[gate*H + cols, k0:k0+BLOCK_K]^T, so acc_gate += A @ W_gate^T.
+# x, hx and the weights may have any row stride (unit column stride); a weight tile is read transposed:
+# (BLOCK_K, BLOCK_H) = W[gate*H + cols, k0:k0+BLOCK_K]^T, so acc_gate += A @ W_gate^T.
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _gemm_tile_ptrs(a_ptr, w_ptr, r64, w_rows, k0, sa_n, sa_k, sw_r, sw_k, K, N, H, BLOCK_K: tl.constexpr):
+def _gemm_tile_ptrs(a_ptr, w_ptr, r64, w_rows, k0, sa_n, sw_r, K, N, H, BLOCK_K: tl.constexpr):
     """Pointers and masks of one K step: A tile (BLOCK_N, BLOCK_K) and the gate-0 weight tile (BLOCK_K, BLOCK_H);
-    gate g's tile is at w_ptrs + g * H * sw_r."""
-    kk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+    gate g's tile is g * H * sw_r further. Rows are int64 offsets; columns are contiguous (int32 keeps the
+    contiguity visible to the compiler, so loads vectorize)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
     kmask = kk < K
-    a_ptrs = a_ptr + r64[:, None] * sa_n + kk[None, :] * sa_k
+    a_ptrs = a_ptr + r64[:, None] * sa_n + kk[None, :]
     a_mask = (r64 < N)[:, None] & kmask[None, :]
-    w_ptrs = w_ptr + kk[:, None] * sw_k + w_rows[None, :] * sw_r
+    w_ptrs = w_ptr + w_rows[None, :] * sw_r + kk[:, None]
     w_mask = kmask[:, None] & (w_rows < H)[None, :]
     return a_ptrs, a_mask, w_ptrs, w_mask
 
 
 @triton.jit
 def _lstm_fused_kernel(
-    x_ptr,     # (N, C) strides (sxn, sxc)
-    hx_ptr,    # (N, H) strides (shn, shc)
+    x_ptr,     # (N, C) row stride sxn, unit column stride
+    hx_ptr,    # (N, H) row stride shn, unit column stride
     cx_ptr,    # (N, H) contiguous
-    w_ih_ptr,  # (4H, C) strides (swir, swic)
-    w_hh_ptr,  # (4H, H) strides (swhr, swhc)
+    w_ih_ptr,  # (4H, C) row stride swir, unit column stride
+    w_hh_ptr,  # (4H, H) row stride swhr, unit column stride
     b_ih_ptr,  # (4H,), read only when HAS_BIAS
     b_hh_ptr,  # (4H,), read only when HAS_BIAS
     hy_ptr,    # (N, H) out
     cy_ptr,    # (N, H) out
     ws_ptr,    # (N, 4H) out: [i, f, g, o]
-    N, C, H, sxn, sxc, shn, shc, swir, swic, swhr, swhc,
+    N, C, H, sxn, shn, swir, swhr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -391,7 +392,7 @@ def _lstm_fused_kernel(
     acc_g = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     acc_o = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(x_ptr, w_ih_ptr, r64, w_rows, k0, sxn, sxc, swir, swic,
+        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(x_ptr, w_ih_ptr, r64, w_rows, k0, sxn, swir,
                                                     C, N, H, BLOCK_K)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         acc_i = tl.dot(a, tl.load(w, mask=w_mask, other=0.0), acc_i, input_precision=INPUT_PRECISION)
@@ -402,7 +403,7 @@ def _lstm_fused_kernel(
         w += ih_gate_step
         acc_o = tl.dot(a, tl.load(w, mask=w_mask, other=0.0), acc_o, input_precision=INPUT_PRECISION)
     for k0 in range(0, H, BLOCK_K):
-        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(hx_ptr, w_hh_ptr, r64, w_rows, k0, shn, shc, swhr, swhc,
+        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(hx_ptr, w_hh_ptr, r64, w_rows, k0, shn, swhr,
                                                     H, N, H, BLOCK_K)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         acc_i = tl.dot(a, tl.load(w, mask=w_mask, other=0.0), acc_i, input_precision=INPUT_PRECISION)
@@ -420,15 +421,15 @@ def _lstm_fused_kernel(
 
 @triton.jit
 def _gru_fused_kernel(
-    x_ptr,     # (N, C) strides (sxn, sxc)
-    hx_ptr,    # (N, H) strides (shn, shc)
-    w_ih_ptr,  # (3H, C) strides (swir, swic)
-    w_hh_ptr,  # (3H, H) strides (swhr, swhc)
+    x_ptr,     # (N, C) row stride sxn, unit column stride
+    hx_ptr,    # (N, H) row stride shn, unit column stride
+    w_ih_ptr,  # (3H, C) row stride swir, unit column stride
+    w_hh_ptr,  # (3H, H) row stride swhr, unit column stride
     b_ih_ptr,  # (3H,), read only when HAS_BIAS
     b_hh_ptr,  # (3H,), read only when HAS_BIAS
     hy_ptr,    # (N, H) out
     ws_ptr,    # (N, 4H) out: [r, z, n, hn]
-    N, C, H, sxn, sxc, shn, shc, swir, swic, swhr, swhc,
+    N, C, H, sxn, shn, swir, swhr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -443,7 +444,7 @@ def _gru_fused_kernel(
     acc_in = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     acc_hn = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(x_ptr, w_ih_ptr, r64, w_rows, k0, sxn, sxc, swir, swic,
+        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(x_ptr, w_ih_ptr, r64, w_rows, k0, sxn, swir,
                                                     C, N, H, BLOCK_K)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         acc_r = tl.dot(a, tl.load(w, mask=w_mask, other=0.0), acc_r, input_precision=INPUT_PRECISION)
@@ -452,7 +453,7 @@ def _gru_fused_kernel(
         w += ih_gate_step
         acc_in = tl.dot(a, tl.load(w, mask=w_mask, other=0.0), acc_in, input_precision=INPUT_PRECISION)
     for k0 in range(0, H, BLOCK_K):
-        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(hx_ptr, w_hh_ptr, r64, w_rows, k0, shn, shc, swhr, swhc,
+        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(hx_ptr, w_hh_ptr, r64, w_rows, k0, shn, swhr,
                                                     H, N, H, BLOCK_K)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         acc_r = tl.dot(a, tl.load(w, mask=w_mask, other=0.0), acc_r, input_precision=INPUT_PRECISION)
@@ -461,21 +462,21 @@ def _gru_fused_kernel(
         w += hh_gate_step
         acc_hn = tl.dot(a, tl.load(w, mask=w_mask, other=0.0), acc_hn, input_precision=INPUT_PRECISION)
     mask = (rows < N)[:, None] & (cols < H)[None, :]
-    hx = tl.load(hx_ptr + r64[:, None] * shn + cols.to(tl.int64)[None, :] * shc, mask=mask, other=0.0)
+    hx = tl.load(hx_ptr + r64[:, None] * shn + cols[None, :], mask=mask, other=0.0)
     _gru_epilogue(acc_r, acc_z, acc_in, acc_hn, hx.to(tl.float32), rows, cols, N, H, b_ih_ptr, b_hh_ptr,
                   hy_ptr, ws_ptr, HAS_BIAS)
 
 
 @triton.jit
 def _rnn_fused_kernel(
-    x_ptr,     # (N, C) strides (sxn, sxc)
-    hx_ptr,    # (N, H) strides (shn, shc)
-    w_ih_ptr,  # (H, C) strides (swir, swic)
-    w_hh_ptr,  # (H, H) strides (swhr, swhc)
+    x_ptr,     # (N, C) row stride sxn, unit column stride
+    hx_ptr,    # (N, H) row stride shn, unit column stride
+    w_ih_ptr,  # (H, C) row stride swir, unit column stride
+    w_hh_ptr,  # (H, H) row stride swhr, unit column stride
     b_ih_ptr,  # (H,), read only when HAS_BIAS
     b_hh_ptr,  # (H,), read only when HAS_BIAS
     hy_ptr,    # (N, H) out
-    N, C, H, sxn, sxc, shn, shc, swir, swic, swhr, swhc,
+    N, C, H, sxn, shn, swir, swhr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -485,12 +486,12 @@ def _rnn_fused_kernel(
     w_rows = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(x_ptr, w_ih_ptr, r64, w_rows, k0, sxn, sxc, swir, swic,
+        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(x_ptr, w_ih_ptr, r64, w_rows, k0, sxn, swir,
                                                     C, N, H, BLOCK_K)
         acc = tl.dot(tl.load(a_ptrs, mask=a_mask, other=0.0), tl.load(w, mask=w_mask, other=0.0), acc,
                      input_precision=INPUT_PRECISION)
     for k0 in range(0, H, BLOCK_K):
-        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(hx_ptr, w_hh_ptr, r64, w_rows, k0, shn, shc, swhr, swhc,
+        a_ptrs, a_mask, w, w_mask = _gemm_tile_ptrs(hx_ptr, w_hh_ptr, r64, w_rows, k0, shn, swhr,
                                                     H, N, H, BLOCK_K)
         acc = tl.dot(tl.load(a_ptrs, mask=a_mask, other=0.0), tl.load(w, mask=w_mask, other=0.0), acc,
                      input_precision=INPUT_PRECISION)
@@ -677,12 +678,16 @@ def _fused_inputs(x: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_hh: t
     return n, c, h
 
 
+def _unit_cols(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its columns are contiguous (any row stride is fine), else a contiguous copy."""
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
 def _fused_launch_args(x, hx, w_ih, w_hh, n, c, h, allow_tf32):
     """Scalar arguments, constexprs and launch options shared by the fused kernels."""
     block_n, block_h, block_k, warps, stages = _fused_config(n)
     prec = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
-    scalars = (n, c, h, x.stride(0), x.stride(1), hx.stride(0), hx.stride(1),
-               w_ih.stride(0), w_ih.stride(1), w_hh.stride(0), w_hh.stride(1))
+    scalars = (n, c, h, x.stride(0), hx.stride(0), w_ih.stride(0), w_hh.stride(0))
     meta = dict(INPUT_PRECISION=prec, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k,
                 num_warps=warps, num_stages=stages)
     return (triton.cdiv(n, block_n), triton.cdiv(h, block_h)), scalars, meta
@@ -700,6 +705,7 @@ def lstm_cell_fused(x: torch.Tensor, hx: torch.Tensor, cx: torch.Tensor, w_ih: t
     cy = hx.new_empty((n, h))
     ws = hx.new_empty((n, 4 * h))
     if n and h:
+        x, hx, w_ih, w_hh = _unit_cols(x), _unit_cols(hx), _unit_cols(w_ih), _unit_cols(w_hh)
         grid, scalars, meta = _fused_launch_args(x, hx, w_ih, w_hh, n, c, h, allow_tf32)
         _lstm_fused_kernel[grid](x, hx, cx.contiguous(), w_ih, w_hh, b_ih, b_hh, hy, cy, ws, *scalars,
                                  HAS_BIAS=has_bias, **meta)
@@ -716,6 +722,7 @@ def gru_cell_fused(x: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_hh: 
     hy = hx.new_empty((n, h))
     ws = hx.new_empty((n, 4 * h))
     if n and h:
+        x, hx, w_ih, w_hh = _unit_cols(x), _unit_cols(hx), _unit_cols(w_ih), _unit_cols(w_hh)
         grid, scalars, meta = _fused_launch_args(x, hx, w_ih, w_hh, n, c, h, allow_tf32)
         _gru_fused_kernel[grid](x, hx, w_ih, w_hh, b_ih, b_hh, hy, ws, *scalars, HAS_BIAS=has_bias, **meta)
     return hy, ws
@@ -731,6 +738,7 @@ def rnn_cell_fused(x: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_hh: 
     has_bias, b_ih, b_hh = _biases(b_ih, b_hh, h, hx)
     hy = hx.new_empty((n, h))
     if n and h:
+        x, hx, w_ih, w_hh = _unit_cols(x), _unit_cols(hx), _unit_cols(w_ih), _unit_cols(w_hh)
         grid, scalars, meta = _fused_launch_args(x, hx, w_ih, w_hh, n, c, h, allow_tf32)
         _rnn_fused_kernel[grid](x, hx, w_ih, w_hh, b_ih, b_hh, hy, *scalars, HAS_BIAS=has_bias, RELU=relu, **meta)
     return hy

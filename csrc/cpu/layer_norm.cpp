@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/memory.h"
 #include "layer_norm.h"
 
 namespace fastseq::cpu {
@@ -43,15 +44,35 @@ void narrow(const acc_t<T>* src, T* dst, int64_t N) {
   }
 }
 
-// mean and 1/sqrt(var + eps) of one row x (N,), two passes over the row (it stays in cache).
+// Sum over j < N of f(x1[j], x2[j]) for two rows x1, x2 (N,), with four vector accumulators so that the adds do
+// not form one serial dependency chain; f is generic: (vector, vector) -> vector, and (scalar, scalar) -> scalar
+// for the tail.
+template <typename A, typename F>
+A row_sum(const A* x1, const A* x2, int64_t N, const F& f) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  V s0(0), s1(0), s2(0), s3(0);
+  int64_t j = 0;
+  for (; j + 4 * W <= N; j += 4 * W) {
+    s0 = s0 + f(V::loadu(x1 + j), V::loadu(x2 + j));
+    s1 = s1 + f(V::loadu(x1 + j + W), V::loadu(x2 + j + W));
+    s2 = s2 + f(V::loadu(x1 + j + 2 * W), V::loadu(x2 + j + 2 * W));
+    s3 = s3 + f(V::loadu(x1 + j + 3 * W), V::loadu(x2 + j + 3 * W));
+  }
+  for (; j + W <= N; j += W) s0 = s0 + f(V::loadu(x1 + j), V::loadu(x2 + j));
+  A sum = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, (s0 + s1) + (s2 + s3));
+  for (; j < N; ++j) sum += f(x1[j], x2[j]);
+  return sum;
+}
+
+// mean and 1/sqrt(var + eps) of one row x (N,): the exact mean first, then the squared deviations from it
+// (two passes over a row that stays in cache; robust to a large mean).
 template <typename A>
 void row_stats(const A* x, int64_t N, double eps, A& mean, A& rstd) {
   using V = Vectorized<A>;
-  const A sum = at::vec::reduce_all<A>([](V& a, V& b) { return a + b; }, x, N);
-  mean = sum / static_cast<A>(N);
+  mean = row_sum<A>(x, x, N, [](auto a, auto) { return a; }) / static_cast<A>(N);
   const A m = mean;
-  const A ssq = at::vec::map_reduce_all<A>(
-      [m](V v) { V d = v - V(m); return d * d; }, [](V a, V b) { return a + b; }, x, N);
+  const A ssq = row_sum<A>(x, x, N, [m](auto a, auto) { const auto d = a - decltype(a)(m); return d * d; });
   rstd = A(1) / std::sqrt(ssq / static_cast<A>(N) + static_cast<A>(eps));
 }
 
@@ -66,7 +87,7 @@ void fwd_kernel(const T* x, const T* w, const T* b, T* y, acc_t<T>* mean, acc_t<
   if (b) { ba.resize(N); at::vec::convert(b, ba.data(), N); }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), ybuf(N);
+    std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), ybuf(std::is_same_v<T, A> ? 0 : N);
     for (const auto r : c10::irange(begin, end)) {
       const A* xr = widen(x + r * N, N, xbuf);
       A mu, rs;
@@ -98,14 +119,16 @@ void bwd_kernel(const T* dy, const T* x, const T* w, const acc_t<T>* mean, const
                 acc_t<T>* dw_part, acc_t<T>* db_part, int64_t M, int64_t N) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
   // dy, x, dx: (M, N); w: (N,) or null; mean, rstd: (M,);
   // dw_part, db_part: (num_threads, N) zero-filled partial sums, or null when not needed
-  std::vector<A> wa;
-  if (w) { wa.resize(N); at::vec::convert(w, wa.data(), N); }
+  std::vector<A> wa(N, A(1));  // weight widened once (ones without weight, so that g = dy)
+  if (w) at::vec::convert(w, wa.data(), N);
+  const A* wv = wa.data();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     const bool widened = !std::is_same_v<T, A>;
-    std::vector<A> xbuf(widened ? N : 0), dybuf(widened ? N : 0), g(N), dxbuf(N);
+    std::vector<A> xbuf(widened ? N : 0), dybuf(widened ? N : 0), dxbuf(widened ? N : 0);
     A* dwp = dw_part ? dw_part + at::get_thread_num() * N : nullptr;
     A* dbp = db_part ? db_part + at::get_thread_num() * N : nullptr;
     for (const auto r : c10::irange(begin, end)) {
@@ -113,36 +136,40 @@ void bwd_kernel(const T* dy, const T* x, const T* w, const acc_t<T>* mean, const
       const A* dyr = widen(dy + r * N, N, dybuf);
       const A mu = mean[r], rs = rstd[r];
       const V vmu(mu), vrs(rs);
-      // g = dy * w; sums of g and g * xhat; partial dw, db
-      V sg(0), sgx(0);
-      int64_t j = 0;
-      for (; j + V::size() <= N; j += V::size()) {
-        const V d = V::loadu(dyr + j), xh = (V::loadu(xr + j) - vmu) * vrs;
-        const V gv = w ? d * V::loadu(wa.data() + j) : d;
-        gv.store(g.data() + j);
-        sg = sg + gv;
-        sgx = sgx + gv * xh;
+      // pass 1: a = sum(g), c = sum(g * xhat) with g = dy * w, xhat = (x - mean) * rstd; dweight += dy * xhat,
+      // dbias += dy (two accumulator pairs to keep the sums off one dependency chain)
+      auto step = [&](int64_t j, V& sa, V& sc) {
+        const V d = V::loadu(dyr + j), xh = (V::loadu(xr + j) - vmu) * vrs, g = d * V::loadu(wv + j);
+        sa = sa + g;
+        sc = sc + g * xh;
         if (dwp) (V::loadu(dwp + j) + d * xh).store(dwp + j);
         if (dbp) (V::loadu(dbp + j) + d).store(dbp + j);
+      };
+      V sa0(0), sc0(0), sa1(0), sc1(0);
+      int64_t j = 0;
+      for (; j + 2 * W <= N; j += 2 * W) {
+        step(j, sa0, sc0);
+        step(j + W, sa1, sc1);
       }
-      A s1 = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, sg);
-      A s2 = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, sgx);
+      for (; j + W <= N; j += W) step(j, sa0, sc0);
+      auto vsum = [](V v) { return at::vec::vec_reduce_all<A>([](V& p, V& q) { return p + q; }, v); };
+      A sa = vsum(sa0 + sa1), sc = vsum(sc0 + sc1);
       for (; j < N; ++j) {
-        const A xh = (xr[j] - mu) * rs, gv = w ? dyr[j] * wa[j] : dyr[j];
-        g[j] = gv;
-        s1 += gv;
-        s2 += gv * xh;
+        const A xh = (xr[j] - mu) * rs, g = dyr[j] * wv[j];
+        sa += g;
+        sc += g * xh;
         if (dwp) dwp[j] += dyr[j] * xh;
         if (dbp) dbp[j] += dyr[j];
       }
-      const A a = s1 / static_cast<A>(N), c = s2 / static_cast<A>(N);
-      A* dxr = widened ? dxbuf.data() : reinterpret_cast<A*>(dx + r * N);
+      // pass 2: dx = rstd * (g - a/N - xhat * c/N)
+      const A a = sa / static_cast<A>(N), c = sc / static_cast<A>(N);
       const V va(a), vc(c);
-      for (j = 0; j + V::size() <= N; j += V::size()) {
-        const V xh = (V::loadu(xr + j) - vmu) * vrs;
-        (vrs * (V::loadu(g.data() + j) - va - xh * vc)).store(dxr + j);
+      A* dxr = widened ? dxbuf.data() : reinterpret_cast<A*>(dx + r * N);
+      for (j = 0; j + W <= N; j += W) {
+        const V xh = (V::loadu(xr + j) - vmu) * vrs, g = V::loadu(dyr + j) * V::loadu(wv + j);
+        (vrs * (g - va - xh * vc)).store(dxr + j);
       }
-      for (; j < N; ++j) dxr[j] = rs * (g[j] - a - (xr[j] - mu) * rs * c);
+      for (; j < N; ++j) dxr[j] = rs * (dyr[j] * wv[j] - a - (xr[j] - mu) * rs * c);
       narrow<T>(dxr, dx + r * N, N);
     }
   });
@@ -178,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_param(weight, x, "weight");
   check_param(bias, x, "bias");
   const int64_t M = x.size(0), N = x.size(1);
-  auto y = at::empty_like(x);
+  auto y = empty_output_like(x);
   auto mean = at::empty({M}, x.options().dtype(stat_type(x)));
   auto rstd = at::empty({M}, x.options().dtype(stat_type(x)));
   if (M == 0 || N == 0) return {y, mean.fill_(0), rstd.fill_(1.0 / std::sqrt(eps))};
@@ -205,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
                   rstd.scalar_type() == stat_type(x) && mean.is_contiguous() && rstd.is_contiguous(),
               "layer_norm_bwd: mean and rstd must be contiguous (", M, ",) ", stat_type(x), " tensors, got ",
               mean.sizes(), " ", mean.scalar_type(), " and ", rstd.sizes(), " ", rstd.scalar_type());
-  auto dx = at::empty_like(x);
+  auto dx = empty_output_like(x);
   const int64_t parts = at::get_num_threads();
   auto acc_opts = x.options().dtype(stat_type(x));
   auto dw_part = need_dweight ? at::zeros({parts, N}, acc_opts) : at::Tensor();

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from ._dispatch import call, eager_function
 
 DTYPES = {
     "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
@@ -16,21 +17,21 @@ DTYPES = {
 
 
 def _flat(x: Tensor, normalized_shape: list[int]) -> tuple[Tensor, int]:
-    n = math.prod(normalized_shape)
-    return x.reshape(-1, n).contiguous(), n
+    n = normalized_shape[0] if len(normalized_shape) == 1 else math.prod(normalized_shape)
+    x2 = x if x.dim() == 2 and x.shape[1] == n else x.reshape(-1, n)
+    return x2.contiguous(), n
 
 
 def _flat_param(p: Tensor | None, n: int) -> Tensor | None:
-    return None if p is None else p.reshape(n).contiguous()
+    return None if p is None else (p if p.dim() == 1 else p.reshape(n)).contiguous()
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastseq::layer_norm", mutates_args=())
-def layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float
-               ) -> tuple[Tensor, Tensor, Tensor]:
+def _forward(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """y, mean, rstd: layer norm over the trailing dims `normalized_shape`; mean and rstd have one entry per row."""
     x2, n = _flat(x, normalized_shape)
     w, b = _flat_param(weight, n), _flat_param(bias, n)
@@ -43,7 +44,10 @@ def layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bi
         y, mean, rstd = tk.layer_norm_fwd(x2, w, b, eps)
     else:
         y, mean, rstd = reference.layer_norm_forward(x2, w, b, eps)
-    return y.reshape(x.shape), mean.to(_stat_dtype(x)), rstd.to(_stat_dtype(x))
+    return y.view(x.shape), mean, rstd
+
+
+layer_norm = torch.library.custom_op("fastseq::layer_norm", _forward, mutates_args=())
 
 
 @layer_norm.register_fake
@@ -52,9 +56,8 @@ def _(x, normalized_shape, weight, bias, eps):
     return torch.empty_like(x), x.new_empty(m, dtype=_stat_dtype(x)), x.new_empty(m, dtype=_stat_dtype(x))
 
 
-@torch.library.custom_op("fastseq::layer_norm_backward", mutates_args=())
-def layer_norm_backward(dy: Tensor, x: Tensor, normalized_shape: list[int], weight: Tensor | None, mean: Tensor,
-                        rstd: Tensor, need_dweight: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(dy: Tensor, x: Tensor, normalized_shape: list[int], weight: Tensor | None, mean: Tensor,
+                   rstd: Tensor, need_dweight: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dx, dweight, dbias (dweight/dbias shaped like normalized_shape; empty where not needed)."""
     x2, n = _flat(x, normalized_shape)
     dy2 = dy.reshape(-1, n).contiguous()
@@ -73,6 +76,9 @@ def layer_norm_backward(dy: Tensor, x: Tensor, normalized_shape: list[int], weig
     return dx.reshape(x.shape), dw, db
 
 
+layer_norm_backward = torch.library.custom_op("fastseq::layer_norm_backward", _backward_impl, mutates_args=())
+
+
 @layer_norm_backward.register_fake
 def _(dy, x, normalized_shape, weight, mean, rstd, need_dweight, need_dbias):
     dw = x.new_empty(normalized_shape) if need_dweight else x.new_empty(0)
@@ -88,12 +94,25 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    need_dw = weight is not None and ctx.needs_input_grad[2]
-    need_db = ctx.has_bias and ctx.needs_input_grad[3]
-    dx, dw, db = layer_norm_backward(dy, x, ctx.normalized_shape, weight, mean, rstd, need_dw, need_db)
-    return dx, None, dw if need_dw else None, db if need_db else None, None
+def _backward_with(backward_op):
+    """The autograd formula, running the fused backward through `backward_op` (the custom op, or in eager mode its
+    implementation directly)."""
+
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_dw = weight is not None and ctx.needs_input_grad[2]
+        need_db = ctx.has_bias and ctx.needs_input_grad[3]
+        dx, dw, db = backward_op(dy, x, ctx.normalized_shape, weight, mean, rstd, need_dw, need_db)
+        return dx, None, dw if need_dw else None, db if need_db else None, None
+
+    return backward
 
 
-layer_norm.register_autograd(_backward, setup_context=_setup_context)
+layer_norm.register_autograd(_backward_with(layer_norm_backward), setup_context=_setup_context)
+_LayerNormFunction = eager_function("LayerNormFunction", _forward, _setup_context, _backward_with(_backward_impl),
+                                    non_differentiable=(1, 2))
+
+
+def apply(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """The normalised output (the op's first result), through the fastest path for the current mode."""
+    return call(layer_norm, _LayerNormFunction, x, normalized_shape, weight, bias, eps)[0]
