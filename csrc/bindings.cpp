@@ -2,6 +2,7 @@
 // its first tensor to the CPU kernels (csrc/cpu) or the CUDA kernels (csrc/cuda, in CUDA builds only).
 #include <torch/extension.h>
 
+#include "attention.h"
 #include "layer_norm.h"
 #include "rnn_cell.h"
 
@@ -70,4 +71,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_cell_bwd", [](const at::Tensor& dhy, const at::Tensor& hy, const std::string& nonlinearity) {
     return FASTSEQ_DISPATCH(hy, rnn_cell_bwd, dhy, hy, nonlinearity);
   }, "dgates = rnn_cell_bwd(dhy, hy, nonlinearity)");
+
+  m.def("sdpa_fwd", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
+                       bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset) {
+    return FASTSEQ_DISPATCH(q, sdpa_fwd, q, k, v, mask, is_causal, scale, dropout_p, seed, offset);
+  }, "out, lse = sdpa_fwd(q, k, v, attn_mask?, is_causal, scale, dropout_p, seed, offset)");
+  m.def("sdpa_bwd", [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& out, const at::Tensor& lse, const OptTensor& mask, bool is_causal,
+                       double scale, double dropout_p, int64_t seed, int64_t offset, bool need_dmask) {
+    TORCH_CHECK(!q.is_cuda(), "sdpa_bwd: the CUDA C++ attention kernel is forward-only; use the triton backend");
+    return fastseq::cpu::sdpa_bwd(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, offset,
+                                  need_dmask);
+  }, "dq, dk, dv, dscores = sdpa_bwd(dout, q, k, v, out, lse, attn_mask?, is_causal, scale, dropout_p, seed, offset, need_dmask)");
 }

@@ -16,19 +16,26 @@ import tempfile
 from typing import Any
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block: A100, H100
-MODULES = ("layer_norm", "rnn_cell")
+MODULES = ("layer_norm", "rnn_cell", "attention")
 
 
 @dataclasses.dataclass
 class AOTSpec:
     """One configuration of one kernel: ``signature`` maps every argument to a Triton type ("*fp32", "i32",
-    "fp32", "constexpr"), ``constexprs`` gives the constexpr values."""
+    "fp32", "constexpr"), ``constexprs`` gives the constexpr values. As Triton's JIT does for typical launches,
+    pointers are compiled as 16-byte aligned, and so are the integer arguments named in ``divisible_by_16``."""
 
     fn: Any
     signature: dict[str, str]
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
+    divisible_by_16: tuple[str, ...] = ()
+
+    def attrs(self) -> dict[tuple[int, ...], list[list[Any]]]:
+        names = list(self.signature)
+        return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                if self.signature[n].startswith("*") or n in self.divisible_by_16}
 
     @property
     def name(self) -> str:
@@ -76,7 +83,7 @@ def main() -> int:
     for spec in all_specs:
         for cc in (80, 90):
             try:
-                src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+                src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs())
                 k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                    options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
                 shared = k.metadata.shared
