@@ -80,6 +80,7 @@ def test_wide_rows_in_half_precision(backend_device):
     _check(backend, device, torch.float16, (64, 16385), (16385,))
 
 
+@pytest.mark.sanitize
 def test_non_contiguous_input(backend_device):
     backend, device = backend_device
     x = torch.randn(40, 66, device=device)[::2, ::2].requires_grad_()  # (20, 33), strided
@@ -92,6 +93,7 @@ def test_non_contiguous_input(backend_device):
         assert_close(o, t, 2e-5, 1e-5)
 
 
+@pytest.mark.sanitize
 def test_empty_batch(backend_device):
     backend, device = backend_device
     x = torch.randn(0, 5, 33, device=device, requires_grad=True)

@@ -23,9 +23,9 @@ MAX_JOBS=${MAX_JOBS:-16} step build python3 -m pip install --no-index --no-deps 
   || { echo "gpu-check: the build failed"; exit 1; }
 step info python3 -m fastseq info
 step check python3 -m fastseq check
-step gpu-tests python3 -m pytest tests -q -m gpu -x -p no:cacheprovider --junitxml="$R/gpu-tests.xml"
+step gpu-tests python3 -m pytest tests -q -m gpu -p no:cacheprovider --junitxml="$R/gpu-tests.xml"
 if command -v compute-sanitizer > /dev/null; then
-  step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest tests -q -m sanitize \
+  step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest tests -q -m "gpu and sanitize" \
     -p no:cacheprovider
 fi
 step bench python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$R/bench.json"
