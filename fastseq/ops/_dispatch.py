@@ -14,6 +14,7 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
     formula; outputs at the indices `non_differentiable` (saved statistics, workspaces) are marked so."""
 
     def fwd(ctx, *args):
+        ctx.fastseq_eager = True
         output = forward(*args)
         setup_context(ctx, args, output)
         ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
@@ -25,3 +26,9 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
 def call(op, eager: type[torch.autograd.Function], *args):
     """op(*args) under torch.compile, eager.apply(*args) otherwise (positional arguments only)."""
     return op(*args) if torch.compiler.is_compiling() else eager.apply(*args)
+
+
+def backward_op(ctx, op, impl: Callable) -> Callable:
+    """What an autograd formula calls for its fused backward: the backward custom op `op` when the custom op's own
+    autograd runs (torch.compile, opcheck), its implementation `impl` directly in the eager fast path."""
+    return impl if getattr(ctx, "fastseq_eager", False) else op

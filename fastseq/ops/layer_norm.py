@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._dispatch import call, eager_function
+from ._dispatch import backward_op, call, eager_function
 
 DTYPES = {
     "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
@@ -94,23 +94,17 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward_with(backward_op):
-    """The autograd formula, running the fused backward through `backward_op` (the custom op, or in eager mode its
-    implementation directly)."""
-
-    def backward(ctx, dy, _dmean, _drstd):
-        x, weight, mean, rstd = ctx.saved_tensors
-        need_dw = weight is not None and ctx.needs_input_grad[2]
-        need_db = ctx.has_bias and ctx.needs_input_grad[3]
-        dx, dw, db = backward_op(dy, x, ctx.normalized_shape, weight, mean, rstd, need_dw, need_db)
-        return dx, None, dw if need_dw else None, db if need_db else None, None
-
-    return backward
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_dw = weight is not None and ctx.needs_input_grad[2]
+    need_db = ctx.has_bias and ctx.needs_input_grad[3]
+    bwd = backward_op(ctx, layer_norm_backward, _backward_impl)
+    dx, dw, db = bwd(dy, x, ctx.normalized_shape, weight, mean, rstd, need_dw, need_db)
+    return dx, None, dw if need_dw else None, db if need_db else None, None
 
 
-layer_norm.register_autograd(_backward_with(layer_norm_backward), setup_context=_setup_context)
-_LayerNormFunction = eager_function("LayerNormFunction", _forward, _setup_context, _backward_with(_backward_impl),
-                                    non_differentiable=(1, 2))
+layer_norm.register_autograd(_backward, setup_context=_setup_context)
+_LayerNormFunction = eager_function("LayerNormFunction", _forward, _setup_context, _backward, non_differentiable=(1, 2))
 
 
 def apply(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
