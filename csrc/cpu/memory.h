@@ -11,9 +11,9 @@
 
 namespace fastseq::cpu {
 
-// at::empty_like(like), with huge pages advised for outputs of at least 4 MiB.
-inline at::Tensor empty_output_like(const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+// at::empty(sizes, options) (contiguous), with huge pages advised for outputs of at least 4 MiB.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
@@ -25,5 +25,8 @@ inline at::Tensor empty_output_like(const at::Tensor& like) {
 #endif
   return out;
 }
+
+// at::empty_like(like) (contiguous), with huge pages advised for outputs of at least 4 MiB.
+inline at::Tensor empty_output_like(const at::Tensor& like) { return empty_output(like.sizes(), like.options()); }
 
 }  // namespace fastseq::cpu

@@ -5,253 +5,19 @@
 // stored in the input dtype. Supported dtypes: float32, float64, bfloat16.
 #include "rnn_cell.h"
 
-#include <ATen/OpMathType.h>
+#include "cpu/rnn_cell_kernels.h"
+
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cmath>
-#include <type_traits>
 
 namespace fastseq {
 namespace cpu {
 namespace {
 
-using at::vec::Vectorized;
+using namespace cell;
 
-// Elements of pointwise work per parallel task (ATen's grain size).
-constexpr int64_t kGrain = 32768;
-
-// ---- activations, one definition per lane type; stable for any finite input (exp overflows to inf, 1/inf = 0) ----
-inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
-inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-template <typename T>
-inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
-  return Vectorized<T>(T(1)) / (Vectorized<T>(T(1)) + x.neg().exp());
-}
-inline float tanh_act(float x) { return std::tanh(x); }
-inline double tanh_act(double x) { return std::tanh(x); }
-template <typename T>
-inline Vectorized<T> tanh_act(const Vectorized<T>& x) { return x.tanh(); }
-inline float relu_act(float x) { return std::max(x, 0.f); }
-inline double relu_act(double x) { return std::max(x, 0.0); }
-template <typename T>
-inline Vectorized<T> relu_act(const Vectorized<T>& x) { return at::vec::maximum(x, Vectorized<T>(T(0))); }
-// 1 where y > 0 else 0 (relu'(x) expressed through its output y = relu(x)).
-inline float positive(float y) { return y > 0.f ? 1.f : 0.f; }
-inline double positive(double y) { return y > 0.0 ? 1.0 : 0.0; }
-template <typename T>
-inline Vectorized<T> positive(const Vectorized<T>& y) { return y.gt(Vectorized<T>(T(0))); }
-
-// ---- lanes: kVec = true moves Vectorized<opmath_t>::size() elements at a time, false one (the tail) ----
-// load/store take pointers to scalar_t (tensor data) or opmath_t (biases, peephole, accumulators).
-template <typename scalar_t, bool kVec>
-struct Lanes;
-
-template <typename scalar_t>
-struct Lanes<scalar_t, true> {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using V = Vectorized<opmath_t>;
-  static constexpr int64_t kWidth = V::size();
-  template <typename T>
-  static V load(const T* p) {
-    if constexpr (std::is_same_v<T, opmath_t>) {
-      return V::loadu(p);
-    } else {
-      V out;
-      at::vec::load_to_float<T>(p, out);
-      return out;
-    }
-  }
-  template <typename T>
-  static void store(T* p, const V& v) {
-    if constexpr (std::is_same_v<T, opmath_t>) {
-      v.store(p);
-    } else {
-      at::vec::convert_from_float<T>(v, v).store(p, kWidth);
-    }
-  }
-};
-
-template <typename scalar_t>
-struct Lanes<scalar_t, false> {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using V = opmath_t;
-  static constexpr int64_t kWidth = 1;
-  template <typename T>
-  static V load(const T* p) { return static_cast<V>(*p); }
-  template <typename T>
-  static void store(T* p, const V& v) { *p = static_cast<T>(v); }
-};
-
-// Runs a row: span(std::true_type, 0) covers the vectorizable prefix of [0, H) and returns where it stopped,
-// span(std::false_type, j) the scalar tail from there.
-template <typename Span>
-inline void over_h(const Span& span) {
-  span(std::false_type{}, span(std::true_type{}, int64_t(0)));
-}
-
-// ---- LSTM ----
-// One row. ig, hg: (4H) pre-activations; bias: (4H) opmath, b_ih + b_hh; peep: (3H) opmath [p_i, p_f, p_o];
-// cx, hy, cy: (H); ws: (4H) activated [i, f, g, o]. Processes [j, H) in steps of kWidth while they fit; returns j.
-template <typename scalar_t, bool kVec, bool kPeep>
-inline int64_t lstm_fwd_span(int64_t j, int64_t H, const scalar_t* ig, const scalar_t* hg, const scalar_t* cx,
-                             const at::opmath_type<scalar_t>* bias, const at::opmath_type<scalar_t>* peep,
-                             scalar_t* hy, scalar_t* cy, scalar_t* ws) {
-  using L = Lanes<scalar_t, kVec>;
-  using V = typename L::V;
-  for (; j + L::kWidth <= H; j += L::kWidth) {
-    const V c = L::load(cx + j);
-    V pi = L::load(ig + j) + L::load(hg + j) + L::load(bias + j);
-    V pf = L::load(ig + H + j) + L::load(hg + H + j) + L::load(bias + H + j);
-    const V pg = L::load(ig + 2 * H + j) + L::load(hg + 2 * H + j) + L::load(bias + 2 * H + j);
-    V po = L::load(ig + 3 * H + j) + L::load(hg + 3 * H + j) + L::load(bias + 3 * H + j);
-    if constexpr (kPeep) {
-      pi = pi + L::load(peep + j) * c;
-      pf = pf + L::load(peep + H + j) * c;
-    }
-    const V i = sigmoid(pi);
-    const V f = sigmoid(pf);
-    const V g = tanh_act(pg);
-    const V c_new = f * c + i * g;
-    if constexpr (kPeep) po = po + L::load(peep + 2 * H + j) * c_new;
-    const V o = sigmoid(po);
-    L::store(hy + j, o * tanh_act(c_new));
-    L::store(cy + j, c_new);
-    L::store(ws + j, i);
-    L::store(ws + H + j, f);
-    L::store(ws + 2 * H + j, g);
-    L::store(ws + 3 * H + j, o);
-  }
-  return j;
-}
-
-// One row. dhy, dcy, cx, cy, dcx: (H); ws: (4H) [i, f, g, o]; dg: (4H) d(pre-activations);
-// peep: (3H) opmath; acc: (3H) opmath running sums of the peephole gradient terms for this row's chunk.
-template <typename scalar_t, bool kVec, bool kPeep>
-inline int64_t lstm_bwd_span(int64_t j, int64_t H, const scalar_t* dhy, const scalar_t* dcy, const scalar_t* cx,
-                             const scalar_t* cy, const scalar_t* ws, const at::opmath_type<scalar_t>* peep,
-                             scalar_t* dg, scalar_t* dcx, at::opmath_type<scalar_t>* acc) {
-  using L = Lanes<scalar_t, kVec>;
-  using V = typename L::V;
-  const V one(1);
-  for (; j + L::kWidth <= H; j += L::kWidth) {
-    const V dh = L::load(dhy + j);
-    const V c = L::load(cx + j);
-    const V c_new = L::load(cy + j);
-    const V i = L::load(ws + j);
-    const V f = L::load(ws + H + j);
-    const V g = L::load(ws + 2 * H + j);
-    const V o = L::load(ws + 3 * H + j);
-    const V tc = tanh_act(c_new);
-    const V do_pre = dh * tc * o * (one - o);
-    V dct = L::load(dcy + j) + dh * o * (one - tc * tc);
-    if constexpr (kPeep) dct = dct + do_pre * L::load(peep + 2 * H + j);
-    const V di_pre = dct * g * i * (one - i);
-    const V df_pre = dct * c * f * (one - f);
-    const V dg_pre = dct * i * (one - g * g);
-    V dc = dct * f;
-    if constexpr (kPeep) {
-      dc = dc + di_pre * L::load(peep + j) + df_pre * L::load(peep + H + j);
-      L::store(acc + j, L::load(acc + j) + di_pre * c);
-      L::store(acc + H + j, L::load(acc + H + j) + df_pre * c);
-      L::store(acc + 2 * H + j, L::load(acc + 2 * H + j) + do_pre * c_new);
-    }
-    L::store(dg + j, di_pre);
-    L::store(dg + H + j, df_pre);
-    L::store(dg + 2 * H + j, dg_pre);
-    L::store(dg + 3 * H + j, do_pre);
-    L::store(dcx + j, dc);
-  }
-  return j;
-}
-
-// ---- GRU ----
-// One row. ig, hg: (3H); bias: (4H) opmath [b_ir + b_hr, b_iz + b_hz, b_in, b_hn]; hx, hy: (H);
-// ws: (4H) [r, z, n, hn].
-template <typename scalar_t, bool kVec>
-inline int64_t gru_fwd_span(int64_t j, int64_t H, const scalar_t* ig, const scalar_t* hg, const scalar_t* hx,
-                            const at::opmath_type<scalar_t>* bias, scalar_t* hy, scalar_t* ws) {
-  using L = Lanes<scalar_t, kVec>;
-  using V = typename L::V;
-  for (; j + L::kWidth <= H; j += L::kWidth) {
-    const V r = sigmoid(L::load(ig + j) + L::load(hg + j) + L::load(bias + j));
-    const V z = sigmoid(L::load(ig + H + j) + L::load(hg + H + j) + L::load(bias + H + j));
-    const V hn = L::load(hg + 2 * H + j) + L::load(bias + 3 * H + j);
-    const V n = tanh_act(L::load(ig + 2 * H + j) + L::load(bias + 2 * H + j) + r * hn);
-    const V h = L::load(hx + j);
-    L::store(hy + j, n + z * (h - n));
-    L::store(ws + j, r);
-    L::store(ws + H + j, z);
-    L::store(ws + 2 * H + j, n);
-    L::store(ws + 3 * H + j, hn);
-  }
-  return j;
-}
-
-// One row. dhy, hx, dhx: (H); ws: (4H) [r, z, n, hn]; dig, dhg: (3H).
-template <typename scalar_t, bool kVec>
-inline int64_t gru_bwd_span(int64_t j, int64_t H, const scalar_t* dhy, const scalar_t* hx, const scalar_t* ws,
-                            scalar_t* dig, scalar_t* dhg, scalar_t* dhx) {
-  using L = Lanes<scalar_t, kVec>;
-  using V = typename L::V;
-  const V one(1);
-  for (; j + L::kWidth <= H; j += L::kWidth) {
-    const V dh = L::load(dhy + j);
-    const V r = L::load(ws + j);
-    const V z = L::load(ws + H + j);
-    const V n = L::load(ws + 2 * H + j);
-    const V hn = L::load(ws + 3 * H + j);
-    const V dn_pre = dh * (one - z) * (one - n * n);
-    const V dr_pre = dn_pre * hn * r * (one - r);
-    const V dz_pre = dh * (L::load(hx + j) - n) * z * (one - z);
-    L::store(dig + j, dr_pre);
-    L::store(dig + H + j, dz_pre);
-    L::store(dig + 2 * H + j, dn_pre);
-    L::store(dhg + j, dr_pre);
-    L::store(dhg + H + j, dz_pre);
-    L::store(dhg + 2 * H + j, dn_pre * r);
-    L::store(dhx + j, dh * z);
-  }
-  return j;
-}
-
-// ---- Elman RNN ----
-// One row. ig, hg, hy: (H); bias: (H) opmath, b_ih + b_hh.
-template <typename scalar_t, bool kVec, bool kRelu>
-inline int64_t rnn_fwd_span(int64_t j, int64_t H, const scalar_t* ig, const scalar_t* hg,
-                            const at::opmath_type<scalar_t>* bias, scalar_t* hy) {
-  using L = Lanes<scalar_t, kVec>;
-  using V = typename L::V;
-  for (; j + L::kWidth <= H; j += L::kWidth) {
-    const V pre = L::load(ig + j) + L::load(hg + j) + L::load(bias + j);
-    if constexpr (kRelu) {
-      L::store(hy + j, relu_act(pre));
-    } else {
-      L::store(hy + j, tanh_act(pre));
-    }
-  }
-  return j;
-}
-
-// One row. dhy, hy, dpre: (H).
-template <typename scalar_t, bool kVec, bool kRelu>
-inline int64_t rnn_bwd_span(int64_t j, int64_t H, const scalar_t* dhy, const scalar_t* hy, scalar_t* dpre) {
-  using L = Lanes<scalar_t, kVec>;
-  using V = typename L::V;
-  for (; j + L::kWidth <= H; j += L::kWidth) {
-    const V y = L::load(hy + j);
-    if constexpr (kRelu) {
-      L::store(dpre + j, L::load(dhy + j) * positive(y));
-    } else {
-      L::store(dpre + j, L::load(dhy + j) * (V(1) - y * y));
-    }
-  }
-  return j;
-}
-
-// ---- validation and helpers ----
+// ---- validation ----
 // The tensor whose dtype and (N, H) the others must match.
 void check_leader(const char* fn, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), fn, ": expected ", name, " to be a tensor, got an undefined tensor");
@@ -276,26 +42,11 @@ void check_optional(const char* fn, const char* name, const std::optional<at::Te
   if (t.has_value() && t->defined()) check_tensor(fn, name, *t, shape, dtype);
 }
 
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// b_ih + b_hh in the op-math dtype, (G*H,); zeros where a bias is none.
-at::Tensor summed_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, int64_t size,
-                       at::ScalarType dtype) {
-  const auto opmath = at::toOpMathType(dtype);
-  at::Tensor bias = at::zeros({size}, at::TensorOptions().dtype(opmath));
-  if (present(b_ih)) bias.add_(*b_ih);
-  if (present(b_hh)) bias.add_(*b_hh);
-  return bias;
-}
-
 bool is_relu(const char* fn, const std::string& nonlinearity) {
   TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", fn,
               ": expected nonlinearity 'tanh' or 'relu', got '", nonlinearity, "'");
   return nonlinearity == "relu";
 }
-
-// Rows per parallel task so that a task holds about kGrain elements of work (width = elements per row).
-int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, width)); }
 
 }  // namespace
 
@@ -417,13 +168,7 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_fwd(const at::Tensor& igates, const 
 
   at::Tensor hy = at::empty({N, H}, hx.options());
   at::Tensor ws = at::empty({N, 4 * H}, hx.options());
-  // [b_ir + b_hr, b_iz + b_hz, b_in, b_hn]: b_hn stays apart, it is scaled by r.
-  at::Tensor bias = at::zeros({4 * H}, at::TensorOptions().dtype(at::toOpMathType(dt)));
-  if (present(b_ih)) bias.narrow(0, 0, 3 * H).add_(*b_ih);
-  if (present(b_hh)) {
-    bias.narrow(0, 0, 2 * H).add_(b_hh->narrow(0, 0, 2 * H));
-    bias.narrow(0, 3 * H, H).add_(b_hh->narrow(0, 2 * H, H));
-  }
+  const at::Tensor bias = gru_bias(b_ih, b_hh, H, dt);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dt, "gru_cell_fwd", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* ig = igates.const_data_ptr<scalar_t>();

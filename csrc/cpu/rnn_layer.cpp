@@ -1,0 +1,421 @@
+// CPU kernels of the recurrent layers: one direction of one layer over a whole sequence (LSTM with optional
+// projection, GRU, Elman RNN), forward and backward, with the time loop in C++.
+// Forward: gi = x W_ih^T for all steps in one GEMM; per step hg = h W_hh^T (one GEMM into a preallocated buffer)
+// and the fused cell row kernels of rnn_cell_kernels.h, which read their rows straight out of the sequence buffers
+// and write h, c and the activated gates straight into them (no per-step allocation); with a projection the step
+// ends with h = (o * tanh(c)) W_hr^T. Backward runs the fused pointwise backward per step in reverse order, keeps
+// the gate gradients of all steps in one (rows, G*H) buffer and computes dx, dW_ih, dW_hh, db and dW_hr as a few
+// GEMMs over all steps. Packed sequences run each step on its active rows only. Gate math in
+// at::opmath_type<scalar_t>; buffers in the input dtype. Supported dtypes: float32, float64, bfloat16.
+#include "rnn_layer.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/memory.h"
+#include "cpu/rnn_cell_kernels.h"
+
+namespace fastseq::cpu {
+namespace {
+
+using namespace cell;
+
+enum class Mode { kLstm, kGru, kRnnTanh, kRnnRelu };
+
+Mode parse_mode(const char* fn, const std::string& mode) {
+  TORCH_CHECK(mode == "lstm" || mode == "gru" || mode == "rnn_tanh" || mode == "rnn_relu", fn,
+              ": expected mode 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '", mode, "'");
+  return mode == "lstm" ? Mode::kLstm : mode == "gru" ? Mode::kGru : mode == "rnn_tanh" ? Mode::kRnnTanh
+                                                                                         : Mode::kRnnRelu;
+}
+
+int64_t gate_count(Mode mode) { return mode == Mode::kLstm ? 4 : mode == Mode::kGru ? 3 : 1; }
+
+void check_tensor(const char* fn, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(t.defined(), fn, ": expected ", name, " to be a tensor, got an undefined tensor");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": expected ", name, " on the CPU, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, fn, ": expected ", name, " of dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, fn, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
+}
+
+void check_optional(const char* fn, const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape,
+                    at::ScalarType dtype) {
+  if (present(t)) check_tensor(fn, name, *t, shape, dtype);
+}
+
+at::Tensor contiguous_or_none(const std::optional<at::Tensor>& t) {
+  return present(t) ? t->contiguous() : at::Tensor();
+}
+
+// The steps of a (possibly packed) sequence in the order they run: k = 0 .. T-1 is time step k, or T-1-k when
+// reversed. Step k works on rows [0, rows[k]) of the batch, stored at rows [off[k], off[k] + rows[k]) of the
+// (sum(rows), .) layout. Rows [0, prev[k]) continue from step k-1, rows [prev[k], rows[k]) start from h0/c0;
+// rows [done[k], rows[k]) take their last step at step k (their state there is h_n/c_n).
+struct Schedule {
+  int64_t T = 0, N = 0, total = 0;
+  bool packed = false;
+  bool uniform = true;  // every step runs on all N rows
+  std::vector<int64_t> rows, off, prev, done;
+
+  Schedule(const char* fn, const at::Tensor& x, int64_t N_, const std::optional<at::Tensor>& batch_sizes,
+           bool reverse)
+      : N(N_), packed(present(batch_sizes)) {
+    std::vector<int64_t> sizes;
+    if (packed) {
+      const at::Tensor& bs = *batch_sizes;
+      TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1, fn,
+                  ": expected batch_sizes to be a 1-D int64 tensor on the CPU, got ", bs.scalar_type(), " of shape ",
+                  bs.sizes(), " on ", bs.device());
+      const at::Tensor b = bs.contiguous();
+      sizes.assign(b.const_data_ptr<int64_t>(), b.const_data_ptr<int64_t>() + b.numel());
+      TORCH_CHECK(sizes.empty() || sizes[0] == N, fn, ": expected batch_sizes[0] to equal the batch size of h0 (",
+                  N, "), got ", sizes.empty() ? 0 : sizes[0]);
+      int64_t sum = 0;
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        TORCH_CHECK(sizes[i] >= 1 && (i == 0 || sizes[i] <= sizes[i - 1]), fn,
+                    ": expected batch_sizes to be positive and non-increasing, got ", at::IntArrayRef(sizes));
+        sum += sizes[i];
+      }
+      TORCH_CHECK(sum == x.size(0), fn, ": expected sum(batch_sizes) = ", sum, " rows in x, got ", x.size(0));
+    } else {
+      sizes.assign(x.size(0), N);
+    }
+    T = static_cast<int64_t>(sizes.size());
+    std::vector<int64_t> first(T + 1, 0);  // first row of time step t
+    for (int64_t i = 0; i < T; ++i) first[i + 1] = first[i] + sizes[i];
+    total = first[T];
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t step = reverse ? T - 1 - k : k;
+      rows.push_back(sizes[step]);
+      off.push_back(first[step]);
+      uniform = uniform && sizes[step] == N;
+    }
+    for (int64_t k = 0; k < T; ++k) {
+      prev.push_back(k > 0 ? std::min(rows[k - 1], rows[k]) : 0);
+      done.push_back(k + 1 < T ? std::min(rows[k + 1], rows[k]) : 0);
+    }
+  }
+};
+
+// The validated, contiguous operands of one layer direction.
+struct Layer {
+  Mode mode;
+  int64_t G, H, Hout, C, N;
+  at::ScalarType dtype;
+  bool proj;
+  at::Tensor x2d, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh;
+
+  Layer(const char* fn, const std::string& mode_name, const at::Tensor& x, const at::Tensor& h0_,
+        const std::optional<at::Tensor>& c0_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+        const std::optional<at::Tensor>& b_ih_, const std::optional<at::Tensor>& b_hh_,
+        const std::optional<at::Tensor>& w_hr_, bool packed)
+      : mode(parse_mode(fn, mode_name)), G(gate_count(mode)), proj(present(w_hr_)) {
+    TORCH_CHECK(x.defined() && x.device().is_cpu(), fn, ": expected x to be a CPU tensor");
+    dtype = x.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, fn,
+                ": expected x of dtype Float, Double or BFloat16, got ", dtype);
+    TORCH_CHECK(x.dim() == (packed ? 2 : 3), fn, ": expected x of ", packed ? "2 dims (sum(batch_sizes), C)" :
+                "3 dims (T, N, C)", ", got shape ", x.sizes());
+    TORCH_CHECK(w_ih_.defined() && w_ih_.dim() == 2 && w_ih_.size(0) % G == 0, fn, ": expected w_ih of shape (",
+                G, "*H, C), got ", w_ih_.defined() ? w_ih_.sizes() : at::IntArrayRef{});
+    H = w_ih_.size(0) / G;
+    C = w_ih_.size(1);
+    check_tensor(fn, "w_ih", w_ih_, {G * H, C}, dtype);
+    TORCH_CHECK(x.size(-1) == C, fn, ": expected x with ", C, " features (w_ih's input size), got shape ", x.sizes());
+    TORCH_CHECK(!proj || mode == Mode::kLstm, fn, ": w_hr (projection) is only supported for mode 'lstm'");
+    Hout = proj ? w_hr_->size(0) : H;
+    if (proj) check_tensor(fn, "w_hr", *w_hr_, {Hout, H}, dtype);
+    check_tensor(fn, "w_hh", w_hh_, {G * H, Hout}, dtype);
+    check_optional(fn, "b_ih", b_ih_, {G * H}, dtype);
+    check_optional(fn, "b_hh", b_hh_, {G * H}, dtype);
+    TORCH_CHECK(h0_.defined() && h0_.dim() == 2, fn, ": expected h0 of shape (N, ", Hout, "), got ",
+                h0_.defined() ? h0_.sizes() : at::IntArrayRef{});
+    N = packed ? h0_.size(0) : x.size(1);  // packed: batch_sizes[0] is checked against it
+    check_tensor(fn, "h0", h0_, {N, Hout}, dtype);
+    if (mode == Mode::kLstm) {
+      TORCH_CHECK(present(c0_), fn, ": expected c0 for mode 'lstm', got none");
+      check_tensor(fn, "c0", *c0_, {N, H}, dtype);
+      c0 = c0_->contiguous();
+    } else {
+      TORCH_CHECK(!present(c0_), fn, ": expected no c0 for mode '", mode_name, "'");
+    }
+    x2d = x.contiguous().view({packed ? x.size(0) : x.size(0) * x.size(1), C});
+    h0 = h0_.contiguous();
+    w_ih = w_ih_.contiguous();
+    w_hh = w_hh_.contiguous();
+    w_hr = contiguous_or_none(w_hr_);
+    b_ih = contiguous_or_none(b_ih_);
+    b_hh = contiguous_or_none(b_hh_);
+  }
+
+  // The bias the forward row kernels add: b_ih + b_hh (G*H), or the GRU layout (4H), in the op-math dtype.
+  at::Tensor row_bias() const {
+    return mode == Mode::kGru ? gru_bias(b_ih, b_hh, H, dtype) : summed_bias(b_ih, b_hh, G * H, dtype);
+  }
+};
+
+// out = a @ b into a view of a preallocated buffer.
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+// Runs row(r) for r in [0, n), rows in parallel; width = elements of work per row.
+template <typename F>
+void for_rows(int64_t n, int64_t width, const F& row) {
+  at::parallel_for(0, n, row_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row(r);
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_fwd(
+    const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
+    const std::optional<at::Tensor>& batch_sizes) {
+  constexpr const char* fn = "rnn_layer_fwd";
+  const Layer L(fn, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, present(batch_sizes));
+  const Schedule S(fn, x, L.N, batch_sizes, reverse);
+  const int64_t H = L.H, Hout = L.Hout, GH = L.G * L.H;
+  const bool lstm = L.mode == Mode::kLstm, gru = L.mode == Mode::kGru;
+  const auto opts = L.x2d.options();
+
+  // Sequence buffers, (S.total, .): y = h of every step (projected for LSTM with w_hr); c of every step (LSTM);
+  // o * tanh(c) before the projection. gates: x W_ih^T of every step in its first G*H columns, which the cell
+  // kernels overwrite in place with the activated gates (LSTM [i, f, g, o], GRU [r, z, n, hn]: 4H columns).
+  at::Tensor y = empty_output({S.total, Hout}, opts);
+  at::Tensor c_all = lstm ? empty_output({S.total, H}, opts) : at::Tensor();
+  at::Tensor h_raw = L.proj ? empty_output({S.total, H}, opts) : at::Tensor();
+  at::Tensor h_n = L.h0.clone();
+  at::Tensor c_n = lstm ? L.c0.clone() : at::Tensor();
+  const int64_t gw = lstm || gru ? 4 * H : H;  // row stride of gates
+  at::Tensor gates = empty_output({S.total, gw}, opts);
+  mm_into(gates.narrow(1, 0, GH), L.x2d, L.w_ih.t());
+  at::Tensor hg = at::empty({L.N, GH}, opts);  // h W_hh^T of the current step
+  const at::Tensor w_hh_t = L.w_hh.t(), w_hr_t = L.proj ? L.w_hr.t() : at::Tensor();
+  // A GEMM of a few rows with W_hh^T is a matrix-vector product, which runs faster (measured ~25% with MKL at
+  // H = 512) streaming a row-major copy of W_hh^T than reading W_hh's rows as columns.
+  constexpr int64_t kFewRows = 8;
+  const bool few = std::any_of(S.rows.begin(), S.rows.end(), [](int64_t n) { return n < kFewRows; });
+  const at::Tensor w_hh_tc = few ? w_hh_t.contiguous() : at::Tensor();
+  auto rhs = [&](int64_t rows) -> const at::Tensor& { return rows < kFewRows ? w_hh_tc : w_hh_t; };
+  const at::Tensor bias = L.row_bias();
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, L.dtype, "rnn_layer_fwd", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* gi_p = gates.mutable_data_ptr<scalar_t>();  // x W_ih^T in, activated gates out (LSTM, GRU)
+    const scalar_t* hg_p = hg.const_data_ptr<scalar_t>();
+    const scalar_t* h0_p = L.h0.const_data_ptr<scalar_t>();
+    const scalar_t* c0_p = lstm ? L.c0.const_data_ptr<scalar_t>() : nullptr;
+    const opmath_t* b_p = bias.const_data_ptr<opmath_t>();
+    scalar_t* y_p = y.mutable_data_ptr<scalar_t>();
+    scalar_t* c_p = lstm ? c_all.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* hr_p = L.proj ? h_raw.mutable_data_ptr<scalar_t>() : y_p;  // where the cell writes o * tanh(c)
+
+    for (int64_t k = 0; k < S.T; ++k) {
+      const int64_t n = S.rows[k], np = S.prev[k], off = S.off[k], off_prev = k > 0 ? S.off[k - 1] : 0;
+      if (np > 0) mm_into(hg.narrow(0, 0, np), y.narrow(0, off_prev, np), rhs(np));
+      if (n > np) mm_into(hg.narrow(0, np, n - np), L.h0.narrow(0, np, n - np), rhs(n - np));
+      if (lstm) {
+        for_rows(n, 10 * H, [&](int64_t r) {
+          const int64_t row = off + r;
+          const scalar_t* cx = r < np ? c_p + (off_prev + r) * H : c0_p + r * H;
+          over_h([&](auto vec, int64_t j) {
+            return lstm_fwd_span<scalar_t, decltype(vec)::value, false>(
+                j, H, gi_p + row * gw, hg_p + r * GH, cx, b_p, nullptr, hr_p + row * H, c_p + row * H,
+                gi_p + row * gw);
+          });
+        });
+        if (L.proj) mm_into(y.narrow(0, off, n), h_raw.narrow(0, off, n), w_hr_t);
+      } else if (gru) {
+        for_rows(n, 12 * H, [&](int64_t r) {
+          const int64_t row = off + r;
+          const scalar_t* hx = r < np ? y_p + (off_prev + r) * H : h0_p + r * H;
+          over_h([&](auto vec, int64_t j) {
+            return gru_fwd_span<scalar_t, decltype(vec)::value>(j, H, gi_p + row * gw, hg_p + r * GH, hx, b_p,
+                                                                y_p + row * H, gi_p + row * gw);
+          });
+        });
+      } else {
+        const bool relu = L.mode == Mode::kRnnRelu;
+        for_rows(n, 3 * H, [&](int64_t r) {
+          const int64_t row = off + r;
+          over_h([&](auto vec, int64_t j) {
+            return relu ? rnn_fwd_span<scalar_t, decltype(vec)::value, true>(j, H, gi_p + row * H, hg_p + r * H,
+                                                                              b_p, y_p + row * H)
+                        : rnn_fwd_span<scalar_t, decltype(vec)::value, false>(j, H, gi_p + row * H, hg_p + r * H,
+                                                                               b_p, y_p + row * H);
+          });
+        });
+      }
+      const int64_t d = S.done[k];  // rows [d, n) end here
+      if (n > d) {
+        h_n.narrow(0, d, n - d).copy_(y.narrow(0, off + d, n - d));
+        if (lstm) c_n.narrow(0, d, n - d).copy_(c_all.narrow(0, off + d, n - d));
+      }
+    }
+  });
+
+  // saved: [h of every step (a copy: y is returned to the caller), gates (LSTM, GRU), c (LSTM), o*tanh(c) (w_hr)]
+  std::vector<at::Tensor> saved{empty_output({S.total, Hout}, opts).copy_(y)};
+  if (lstm || gru) saved.push_back(gates);
+  if (lstm) saved.push_back(c_all);
+  if (L.proj) saved.push_back(h_raw);
+  at::Tensor y_out = S.packed ? y : y.view({S.T, L.N, Hout});
+  return {y_out, h_n, c_n, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_bwd(
+    const std::string& mode, const at::Tensor& dy, const at::Tensor& dh_n, const std::optional<at::Tensor>& dc_n,
+    const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, const std::optional<at::Tensor>& batch_sizes,
+    const std::vector<at::Tensor>& saved) {
+  constexpr const char* fn = "rnn_layer_bwd";
+  const Layer L(fn, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, present(batch_sizes));
+  const Schedule S(fn, x, L.N, batch_sizes, reverse);
+  const int64_t H = L.H, Hout = L.Hout, GH = L.G * L.H, N = L.N;
+  const bool lstm = L.mode == Mode::kLstm, gru = L.mode == Mode::kGru;
+  const auto opts = L.x2d.options();
+
+  if (S.packed) {
+    check_tensor(fn, "dy", dy, {S.total, Hout}, L.dtype);
+  } else {
+    check_tensor(fn, "dy", dy, {S.T, N, Hout}, L.dtype);
+  }
+  check_tensor(fn, "dh_n", dh_n, {N, Hout}, L.dtype);
+  if (lstm) {
+    check_optional(fn, "dc_n", dc_n, {N, H}, L.dtype);
+  } else {
+    TORCH_CHECK(!present(dc_n), fn, ": expected no dc_n for mode '", mode, "'");
+  }
+  const size_t n_saved = 1 + (lstm || gru) + lstm + L.proj;
+  TORCH_CHECK(saved.size() == n_saved, fn, ": expected ", n_saved, " saved tensors (rnn_layer_fwd's), got ",
+              saved.size());
+  const at::Tensor& h_seq = saved[0];
+  check_tensor(fn, "saved[0] (h)", h_seq, {S.total, Hout}, L.dtype);
+  const at::Tensor ws = lstm || gru ? saved[1] : at::Tensor();
+  if (ws.defined()) check_tensor(fn, "saved[1] (gates)", ws, {S.total, 4 * H}, L.dtype);
+  const at::Tensor c_all = lstm ? saved[2] : at::Tensor();
+  if (lstm) check_tensor(fn, "saved[2] (c)", c_all, {S.total, H}, L.dtype);
+  const at::Tensor h_raw = L.proj ? saved[3] : at::Tensor();
+  if (L.proj) check_tensor(fn, "saved[3] (o*tanh(c))", h_raw, {S.total, H}, L.dtype);
+  for (const auto& t : saved) TORCH_CHECK(t.is_contiguous(), fn, ": expected the saved tensors to be contiguous");
+
+  const at::Tensor dy2d = dy.contiguous().view({S.total, Hout});
+  // dh_state / dc_state rows [0, n) hold the gradient flowing into h / c of the current step from later steps (and
+  // dh_n / dc_n for rows that end there); once every step has run they hold dh0 / dc0.
+  at::Tensor dh_state = dh_n.contiguous().clone();
+  at::Tensor dc_state = lstm ? (present(dc_n) ? dc_n->contiguous().clone() : at::zeros({N, H}, opts)) : at::Tensor();
+  // d(pre-activation gates) of every step; GRU's differ between the input and the recurrent side (n gate).
+  at::Tensor dgi = empty_output({S.total, GH}, opts);
+  at::Tensor dgh = gru ? empty_output({S.total, GH}, opts) : dgi;
+  // With a projection: dh of every step (for dW_hr) and d(o * tanh(c)) of the current step.
+  at::Tensor dh_all = L.proj ? empty_output({S.total, Hout}, opts) : at::Tensor();
+  at::Tensor dh_raw = L.proj ? at::empty({N, H}, opts) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, L.dtype, "rnn_layer_bwd", [&] {
+    const scalar_t* h0_p = L.h0.const_data_ptr<scalar_t>();
+    const scalar_t* c0_p = lstm ? L.c0.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* hs_p = h_seq.const_data_ptr<scalar_t>();
+    const scalar_t* ws_p = ws.defined() ? ws.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* c_p = lstm ? c_all.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dhs_p = dh_state.mutable_data_ptr<scalar_t>();
+    scalar_t* dcs_p = lstm ? dc_state.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dgi_p = dgi.mutable_data_ptr<scalar_t>();
+    scalar_t* dgh_p = dgh.mutable_data_ptr<scalar_t>();
+    // d(o * tanh(c)) of the current step, row r at dhy_p + r * H.
+    const scalar_t* dhy_p = L.proj ? dh_raw.const_data_ptr<scalar_t>() : dhs_p;
+
+    for (int64_t k = S.T - 1; k >= 0; --k) {
+      const int64_t n = S.rows[k], np = S.prev[k], off = S.off[k], off_prev = k > 0 ? S.off[k - 1] : 0;
+      if (L.proj) {
+        at::Tensor dh = dh_all.narrow(0, off, n);
+        at::add_out(dh, dh_state.narrow(0, 0, n), dy2d.narrow(0, off, n));
+        mm_into(dh_raw.narrow(0, 0, n), dh, L.w_hr);
+      } else {
+        dh_state.narrow(0, 0, n).add_(dy2d.narrow(0, off, n));
+      }
+      if (lstm) {
+        for_rows(n, 12 * H, [&](int64_t r) {
+          const int64_t row = off + r;
+          const scalar_t* cx = r < np ? c_p + (off_prev + r) * H : c0_p + r * H;
+          // dc_state row r: d c_t in, d c_{t-1} out (the kernel reads each element before writing it).
+          over_h([&](auto vec, int64_t j) {
+            return lstm_bwd_span<scalar_t, decltype(vec)::value, false>(
+                j, H, dhy_p + r * H, dcs_p + r * H, cx, c_p + row * H, ws_p + row * 4 * H, nullptr,
+                dgi_p + row * GH, dcs_p + r * H, nullptr);
+          });
+        });
+        mm_into(dh_state.narrow(0, 0, n), dgi.narrow(0, off, n), L.w_hh);
+      } else if (gru) {
+        for_rows(n, 13 * H, [&](int64_t r) {
+          const int64_t row = off + r;
+          const scalar_t* hx = r < np ? hs_p + (off_prev + r) * H : h0_p + r * H;
+          // dh_state row r: d h_t in, the direct term d h_{t-1} = d h_t * z out.
+          over_h([&](auto vec, int64_t j) {
+            return gru_bwd_span<scalar_t, decltype(vec)::value>(j, H, dhs_p + r * H, hx, ws_p + row * 4 * H,
+                                                                dgi_p + row * GH, dgh_p + row * GH, dhs_p + r * H);
+          });
+        });
+        dh_state.narrow(0, 0, n).addmm_(dgh.narrow(0, off, n), L.w_hh);
+      } else {
+        const bool relu = L.mode == Mode::kRnnRelu;
+        for_rows(n, 3 * H, [&](int64_t r) {
+          const int64_t row = off + r;
+          over_h([&](auto vec, int64_t j) {
+            return relu ? rnn_bwd_span<scalar_t, decltype(vec)::value, true>(j, H, dhs_p + r * H, hs_p + row * H,
+                                                                              dgi_p + row * H)
+                        : rnn_bwd_span<scalar_t, decltype(vec)::value, false>(j, H, dhs_p + r * H, hs_p + row * H,
+                                                                               dgi_p + row * H);
+          });
+        });
+        mm_into(dh_state.narrow(0, 0, n), dgi.narrow(0, off, n), L.w_hh);
+      }
+    }
+  });
+
+  // dW_hh = sum over steps of dgates_hh^T h_prev. With every step on all N rows, h_prev of the steps after the
+  // first is h of the sequence shifted by one step: two GEMMs. Otherwise gather h_prev per step (rows that continue
+  // from the previous step, then rows that start from h0) and use one GEMM.
+  at::Tensor dw_hh;
+  if (S.T == 0) {
+    dw_hh = at::zeros({GH, Hout}, opts);
+  } else if (S.uniform) {
+    const int64_t first = S.off[0], rest = S.total - N;
+    dw_hh = at::mm(dgh.narrow(0, first, N).t(), L.h0);
+    if (rest > 0) {
+      dw_hh.addmm_(dgh.narrow(0, reverse ? 0 : N, rest).t(), h_seq.narrow(0, reverse ? N : 0, rest));
+    }
+  } else {
+    at::Tensor h_prev = empty_output({S.total, Hout}, opts);
+    const auto* hs = static_cast<const char*>(h_seq.const_data_ptr());
+    const auto* h0b = static_cast<const char*>(L.h0.const_data_ptr());
+    auto* hp = static_cast<char*>(h_prev.mutable_data_ptr());
+    const int64_t row_bytes = Hout * static_cast<int64_t>(h_seq.element_size());
+    at::parallel_for(0, S.T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t np = S.prev[k], off = S.off[k];
+        if (np > 0) std::memcpy(hp + off * row_bytes, hs + S.off[k - 1] * row_bytes, np * row_bytes);
+        if (S.rows[k] > np) {
+          std::memcpy(hp + (off + np) * row_bytes, h0b + np * row_bytes, (S.rows[k] - np) * row_bytes);
+        }
+      }
+    });
+    dw_hh = at::mm(dgh.t(), h_prev);
+  }
+  at::Tensor dx = empty_output(x.sizes(), opts);
+  mm_into(dx.view({S.total, L.C}), dgi, L.w_ih);
+  at::Tensor dw_ih = at::mm(dgi.t(), L.x2d);
+  at::Tensor db_ih = L.b_ih.defined() ? dgi.sum(0) : at::Tensor();
+  at::Tensor db_hh;
+  if (L.b_hh.defined()) db_hh = gru ? dgh.sum(0) : (db_ih.defined() ? db_ih.clone() : dgi.sum(0));
+  at::Tensor dw_hr = L.proj ? at::mm(dh_all.t(), h_raw) : at::Tensor();
+  at::Tensor dc0 = lstm ? dc_state : at::Tensor();
+  return {dx, dh_state, dc0, {dw_ih, dw_hh, db_ih, db_hh, dw_hr}};
+}
+
+}  // namespace fastseq::cpu
