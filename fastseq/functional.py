@@ -167,3 +167,81 @@ def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: T
                   b_hh: Tensor | None = None) -> Tensor:
     """One Elman RNN step, as torch's rnn_relu_cell: h' = relu(input W_ih^T + b_ih + h W_hh^T + b_hh)."""
     return _rnn(input, hx, w_ih, w_hh, b_ih, b_hh, "relu")
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+def _sdpa_mask(attn_mask: Tensor, query: Tensor, target: tuple[int, ...]) -> Tensor:
+    """The mask as an additive float tensor broadcastable to `target` = (*batch, Hq, L, S), made 4-D with the batch
+    dims flattened: (B or 1, Hq or 1, L or 1, S or 1) (a bool mask is converted at its own size; nothing is
+    broadcast over L x S here)."""
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=attn_mask.device).masked_fill_(
+            ~attn_mask, float("-inf"))
+    elif attn_mask.dtype not in (torch.float32, query.dtype):
+        raise DTypeError(f"attn_mask must be bool, float32 or query's dtype {query.dtype}, got {attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise DeviceError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    try:
+        ok = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ShapeError(f"attn_mask of shape {list(attn_mask.shape)} is not broadcastable to the attention "
+                         f"weights' shape {list(target)} (batch..., heads, L, S)")
+    m = attn_mask.view(*[1] * (len(target) - attn_mask.dim()), *attn_mask.shape)
+    if all(d == 1 for d in m.shape[:-3]):
+        return m.view(1, *m.shape[-3:])
+    return m.expand(*target[:-3], *m.shape[-3:]).reshape(math.prod(target[:-3]), *m.shape[-3:])
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """softmax(query key^T * scale + attn_mask) value, as torch.nn.functional.scaled_dot_product_attention:
+    query (..., L, E), key (..., S, E), value (..., S, Ev), heads at dim -3, leading dims broadcast; attn_mask bool
+    (True = take part) or additive float, broadcastable to (..., L, S); is_causal = the top-left triangle (not with
+    attn_mask); scale defaults to 1/sqrt(E); dropout_p on the probabilities (seed drawn from torch's default
+    generator); enable_gqa: Hq a multiple of key/value's heads. Rows with no visible key give 0."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_floating(t, name)
+        if t.dim() < 2:
+            raise ShapeError(f"{name} must have at least 2 dims (..., len, dim), got shape {list(t.shape)}")
+    _check_like(key, query, "key", "query")
+    _check_like(value, query, "value", "query")
+    if key.shape[-1] != query.shape[-1]:
+        raise ShapeError(f"key's last dim (embedding) must equal query's {query.shape[-1]}, got key of shape "
+                         f"{list(key.shape)} for query of shape {list(query.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ShapeError(f"value's length (dim -2) must equal key's {key.shape[-2]}, got value of shape "
+                         f"{list(value.shape)} for key of shape {list(key.shape)}")
+    nd = max(query.dim(), key.dim(), value.dim(), 4)
+    q, k, v = (t.view(*[1] * (nd - t.dim()), *t.shape) for t in (query, key, value))
+    try:
+        batch = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
+    except RuntimeError:
+        raise ShapeError(f"the batch dims of query {list(query.shape)}, key {list(key.shape)} and value "
+                         f"{list(value.shape)} (all but the last 3) do not broadcast") from None
+    hq, hk = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != hk:
+        raise ShapeError(f"value must have key's number of heads (dim -3) {hk}, got value of shape "
+                         f"{list(value.shape)}")
+    if hq != hk and not ((enable_gqa or hk == 1) and hq % hk == 0):
+        if enable_gqa:
+            raise ShapeError(f"with enable_gqa, key/value's number of heads (dim -3) {hk} must divide query's "
+                             f"{hq}, got query {list(query.shape)}, key {list(key.shape)}")
+        raise ShapeError(f"key must have query's number of heads (dim -3) {hq} (or set enable_gqa=True for "
+                         f"grouped-query attention), got query {list(query.shape)}, key {list(key.shape)}")
+    if attn_mask is not None and is_causal:
+        raise RuntimeError("scaled_dot_product_attention: attn_mask and is_causal=True cannot both be given "
+                           "(as torch: explicit attn_mask should not be set when is_causal=True)")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    q4, k4, v4 = (t.expand(*batch, *t.shape[-3:]).reshape(math.prod(batch), *t.shape[-3:]) for t in (q, k, v))
+    mask = None if attn_mask is None else _sdpa_mask(attn_mask, query, (*batch, hq, L, S))
+    rng = torch.randint(0, 2**62, (2,), dtype=torch.int64) if dropout_p > 0.0 else None
+    scale = float(E ** -0.5 if scale is None else scale) if E > 0 or scale is not None else 1.0
+    out = ops.attention.apply(q4, k4, v4, mask, bool(is_causal), scale, float(dropout_p), rng)
+    return out.view(*batch, hq, L, Ev)[(0,) * (nd - max(query.dim(), key.dim(), value.dim()))]

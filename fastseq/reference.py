@@ -95,3 +95,84 @@ def rnn_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | No
     """h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh), or relu."""
     gi, gh = _gates(x, h, w_ih, w_hh, b_ih, b_hh)
     return torch.tanh(gi + gh) if nonlinearity == "tanh" else torch.relu(gi + gh)
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+def sdpa_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float
+               ) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, L, E), k (B, Hk, S, E) with Hq a multiple of Hk (query head h reads key head h // (Hq // Hk)),
+    attn_mask additive, broadcastable to (B, Hq, L, S). Returns p = softmax(s) and lse = logsumexp(s) over the keys,
+    s = q k^T * scale + mask (-inf above the top-left diagonal when is_causal); a row with no visible key has p = 0
+    and lse = -inf. Computed in float32 (float64 for float64); differentiable without NaN."""
+    cd = _compute_dtype(q)
+    kc = k.to(cd) if k.dim() < 3 else k.to(cd).repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    s = q.to(cd) @ kc.transpose(-1, -2) * scale
+    if attn_mask is not None:
+        s = s + attn_mask.to(cd)
+    if is_causal:
+        L, S = s.shape[-2], s.shape[-1]
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    m = s.detach().amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(den == 0, torch.ones_like(den), den)
+    return p, (m + torch.log(den)).squeeze(-1)
+
+
+def _drop(p: Tensor, keep: Tensor | None, dropout_p: float) -> Tensor:
+    if keep is None:
+        return p
+    return p * keep.to(p.dtype) * (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
+
+
+def _sum_groups(t: Tensor, hk: int) -> Tensor:
+    """(B, Hq, ...) -> (B, Hk, ...): sums the Hq // Hk query heads that share a key/value head."""
+    return t.reshape(t.shape[0], hk, t.shape[1] // hk, *t.shape[2:]).sum(2)
+
+
+def sdpa_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float,
+                 dropout_p: float = 0.0, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """out = (p * z) v with p, lse from sdpa_probs and z = keep / (1 - dropout_p) (z = 1 when keep is None; keep is
+    a bool tensor broadcastable to (B, Hq, L, S), True = kept). v (B, Hk, S, Ev). Returns out (B, Hq, L, Ev) in
+    q's dtype and lse (B, Hq, L) in float32 (float64 for float64)."""
+    p, lse = sdpa_probs(q, k, attn_mask, is_causal, scale)
+    vc = v.to(p.dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return (_drop(p, keep, dropout_p) @ vc).to(q.dtype), lse
+
+
+def sdpa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, attn_mask: Tensor | None,
+                  is_causal: bool, scale: float, dropout_p: float = 0.0, keep: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of sdpa_forward: with D_i = dout_i . out_i, dp = z * (dout v^T), ds = p * (dp - D) (also the
+    gradient of the additive mask), dv = (p z)^T dout, dq = scale * ds k, dk = scale * ds^T q (dk, dv summed over
+    the query heads sharing a key head). Returns dq, dk, dv in q's dtype and ds (B, Hq, L, S) in float32 (float64
+    for float64)."""
+    p, _ = sdpa_probs(q, k, attn_mask, is_causal, scale)
+    cd, hk, group = p.dtype, k.shape[-3], q.shape[-3] // k.shape[-3]
+    do = dout.to(cd)
+    kc, vc = (t.to(cd).repeat_interleave(group, dim=-3) for t in (k, v))
+    dp = _drop(do @ vc.transpose(-1, -2), keep, dropout_p)
+    ds = p * (dp - (do * out.to(cd)).sum(-1, keepdim=True))
+    dv = _sum_groups(_drop(p, keep, dropout_p).transpose(-1, -2) @ do, hk)
+    dq = ds @ kc * scale
+    dk = _sum_groups(ds.transpose(-1, -2) @ q.to(cd), hk) * scale
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), ds
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False, keep: Tensor | None = None) -> Tensor:
+    """softmax(q k^T * scale + mask) v with torch's signature: (..., L, E), (..., S, E), (..., S, Ev); a bool mask
+    (True = take part) becomes 0 / -inf; scale defaults to 1 / sqrt(E); with enable_gqa, key/value heads (dim -3)
+    are repeated. Dropout only through an explicit `keep` (bool, broadcastable to (..., L, S)). Differentiable."""
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=attn_mask.device).masked_fill(
+            ~attn_mask, float("-inf"))
+    if query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    p, _ = sdpa_probs(query, key, attn_mask, is_causal, scale)
+    return (_drop(p, keep, dropout_p) @ value.to(p.dtype)).to(query.dtype)

@@ -7,6 +7,7 @@ Run with ``python -m fastseq.kernels.aot`` (TRITON_INTERPRET must be unset).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 import re
@@ -59,6 +60,7 @@ def _resource_usage(cubin: bytes) -> str:
         return "regs=?"
 
 
+@functools.cache
 def specs() -> list[AOTSpec]:
     out: list[AOTSpec] = []
     for mod in MODULES:
@@ -70,32 +72,43 @@ def specs() -> list[AOTSpec]:
     return out
 
 
-def main() -> int:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("triton-check: unset TRITON_INTERPRET to compile ahead of time", file=sys.stderr)
-        return 2
+def _compile(index: int) -> tuple[bool, str]:
+    """Compiles spec `index` of specs() for sm_80 and sm_90; (ok, report lines)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    failures = 0
-    all_specs = specs()
-    for spec in all_specs:
-        for cc in (80, 90):
-            try:
-                src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs())
-                k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-                shared = k.metadata.shared
-                ok = shared <= SHARED_LIMIT[cc]
-                usage = _resource_usage(k.asm["cubin"])
-                print(f"{'ok  ' if ok else 'FAIL'} sm_{cc} {spec.name}: shared={shared} {usage}")
-                failures += not ok
-            except Exception as e:  # noqa: BLE001 - any compile error is a failure to report
-                print(f"FAIL sm_{cc} {spec.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                failures += 1
-    print(f"triton-check: {len(all_specs) * 2 - failures} compiled, {failures} failed")
-    return 1 if failures or not all_specs else 0
+    spec = specs()[index]
+    ok, lines = True, []
+    for cc in (80, 90):
+        try:
+            src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs())
+            k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+            fits = k.metadata.shared <= SHARED_LIMIT[cc]
+            ok &= fits
+            lines.append(f"{'ok  ' if fits else 'FAIL'} sm_{cc} {spec.name}: shared={k.metadata.shared} "
+                         f"{_resource_usage(k.asm['cubin'])}")
+        except Exception as e:  # noqa: BLE001 - any compile error is a failure to report
+            ok = False
+            lines.append(f"FAIL sm_{cc} {spec.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return ok, "\n".join(lines)
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("triton-check: unset TRITON_INTERPRET to compile ahead of time", file=sys.stderr)
+        return 2
+    import multiprocessing
+
+    n = len(specs())
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        results = pool.map(_compile, range(n), chunksize=1)
+    for _, report in results:
+        print(report)
+    failed = sum(not ok for ok, _ in results)
+    print(f"triton-check: {n - failed} of {n} kernel configurations compiled for sm_80 and sm_90, {failed} failed")
+    return 1 if failed or not n else 0
 
 
 if __name__ == "__main__":

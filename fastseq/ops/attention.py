@@ -1,0 +1,200 @@
+"""fastseq::sdpa and fastseq::sdpa_backward: scaled dot-product attention on 4-D (B, H, len, dim) tensors.
+
+out = softmax(q k^T * scale + mask) v with dropout on the probabilities; lse (the log-sum-exp of each query row,
+natural log) is the forward's second output, which the backward uses to recompute the probabilities. The CUDA C++
+kernel is forward-only: its backward runs on Triton (both keep lse as the natural log in float32). Dropout's keep
+decisions are a function of rng = (seed, offset), an int64 CPU tensor drawn by the caller, so that the backward
+regenerates them."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from ._dispatch import call, eager_function
+
+OP = "scaled_dot_product_attention"
+DTYPES = {
+    "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
+    "cuda": frozenset({torch.float16, torch.bfloat16}),
+    "triton": frozenset({torch.float32, torch.float16, torch.bfloat16}),
+}
+_TRITON_MAX_HEAD_DIM = 256
+_TRITON_MAX_GRID = 65535  # B * Hq programs along the grid's second axis
+_warned: set[str] = set()
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _shape_reason(name: str, q: Tensor, v: Tensor, dropout_p: float) -> str | None:
+    """Why backend `name` cannot run this call's shapes (its dtype and device are checked by backends.select)."""
+    e, ev = q.shape[-1], v.shape[-1]
+    if name == "cuda":
+        if dropout_p > 0.0:
+            return "the CUDA C++ kernel has no dropout"
+        if e != ev or e not in (64, 128):
+            return f"the CUDA C++ kernel needs head dims E == Ev in (64, 128), got E={e}, Ev={ev}"
+    if name == "triton":
+        if max(e, ev) > _TRITON_MAX_HEAD_DIM:
+            return f"the Triton kernels support head dims up to {_TRITON_MAX_HEAD_DIM}, got E={e}, Ev={ev}"
+        if q.shape[0] * q.shape[1] > _TRITON_MAX_GRID:
+            return f"the Triton kernels support batch * heads up to {_TRITON_MAX_GRID}, got {q.shape[0] * q.shape[1]}"
+    return None
+
+
+def _triton_runs(q: Tensor) -> bool:
+    return backends.unavailable_reason("triton") is None and q.dtype in DTYPES["triton"] and (
+        q.device.type == "cuda" or (q.device.type == "cpu" and backends.triton_interpreting()))
+
+
+def _select(q: Tensor, v: Tensor, dropout_p: float, backward: bool) -> str:
+    """The backend for this call: backends.select's choice by device and dtype, then by shape (cuda -> triton ->
+    reference, and cpu -> reference, with a one-time warning naming the reason). The backward of the cuda
+    backend is Triton's."""
+    name = backends.select(OP, q.device, q.dtype, DTYPES)
+    reason = _shape_reason(name, q, v, dropout_p)
+    if reason is not None:
+        fallback = "triton" if name == "cuda" and _triton_runs(q) and _shape_reason("triton", q, v, 0.0) is None \
+            else "reference"
+        message = f"fastseq: {OP} runs on the {fallback} backend ({name}: {reason})"
+        if message not in _warned:
+            _warned.add(message)
+            warnings.warn(message, stacklevel=5)
+        name = fallback
+    if backward and name == "cuda":
+        name = "triton" if _triton_runs(q) else "reference"
+    return name
+
+
+def _seed_offset(rng: Tensor | None) -> tuple[int, int]:
+    return (0, 0) if rng is None else (int(rng[0]), int(rng[1]))
+
+
+def _reference_keep(q: Tensor, k: Tensor, dropout_p: float, rng: Tensor | None) -> Tensor | None:
+    """The reference backend's keep mask (B, Hq, L, S), regenerated from (seed, offset) by torch's generator."""
+    if dropout_p == 0.0:
+        return None
+    seed, offset = _seed_offset(rng)
+    gen = torch.Generator(q.device).manual_seed((seed * 1_000_003 + offset) % 2**63)
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return torch.rand(shape, generator=gen, device=q.device) >= dropout_p
+
+
+def _cpu_mask(attn_mask: Tensor | None, q: Tensor) -> Tensor | None:
+    """The C++ CPU kernel takes a mask in q's dtype (torch also accepts float32 masks for other dtypes)."""
+    return attn_mask if attn_mask is None or attn_mask.dtype == q.dtype else attn_mask.to(q.dtype)
+
+
+def _expand_mask(attn_mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """The mask (4-D, size 1 on its broadcast dims) as the kernels take it: (B, Hq, L, S) with stride-0 dims."""
+    return None if attn_mask is None else attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _allow_tf32() -> bool:
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float,
+             dropout_p: float, rng: Tensor | None) -> tuple[Tensor, Tensor]:
+    """out (B, Hq, L, Ev) in q's dtype and lse (B, Hq, L) float32 (float64 for float64 inputs). q (B, Hq, L, E),
+    k (B, Hk, S, E), v (B, Hk, S, Ev); attn_mask additive, 4-D, of size 1 on its broadcast dims; rng (2,) int64 =
+    (seed, offset) when dropout_p > 0."""
+    name = _select(q, v, dropout_p, backward=False)
+    seed, offset = _seed_offset(rng)
+    attn_mask = _expand_mask(attn_mask, q, k)
+    if name == "cpu":
+        out, lse = backends.extension().sdpa_fwd(q, k, v, _cpu_mask(attn_mask, q), is_causal, scale, dropout_p,
+                                                 seed, offset)
+    elif name == "cuda":
+        out, lse = backends.extension().sdpa_fwd(q, k, v, attn_mask, is_causal, scale, dropout_p, seed, offset)
+    elif name == "triton":
+        from ..kernels import attention as tk
+
+        out, lse = tk.sdpa_fwd(q, k, v, attn_mask, is_causal, scale, dropout_p, seed, offset, _allow_tf32())
+    else:
+        keep = _reference_keep(q, k, dropout_p, rng)
+        out, lse = reference.sdpa_forward(q, k, v, attn_mask, is_causal, scale, dropout_p, keep)
+    return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
+
+
+sdpa = torch.library.custom_op("fastseq::sdpa", _forward, mutates_args=())
+
+
+@sdpa.register_fake
+def _(q, k, v, attn_mask, is_causal, scale, dropout_p, rng):
+    B, Hq, L, _ = q.shape
+    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=_lse_dtype(q))
+
+
+def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   attn_mask: Tensor | None, is_causal: bool, scale: float, dropout_p: float, rng: Tensor | None,
+                   need_dmask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv (shaped like q, k, v) and, when need_dmask, the gradient of the additive mask, shaped and typed
+    like it (empty otherwise)."""
+    name = _select(q, v, dropout_p, backward=True)
+    seed, offset = _seed_offset(rng)
+    mask_shape = None if attn_mask is None else attn_mask.shape
+    attn_mask = _expand_mask(attn_mask, q, k)
+    dout = dout.contiguous()
+    if name == "cpu":
+        dq, dk, dv, ds = backends.extension().sdpa_bwd(dout, q, k, v, out, lse, _cpu_mask(attn_mask, q), is_causal,
+                                                       scale, dropout_p, seed, offset, need_dmask)
+    elif name == "triton":
+        from ..kernels import attention as tk
+
+        dq, dk, dv, ds = tk.sdpa_bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p, seed, offset,
+                                     need_dmask, _allow_tf32())
+    else:
+        keep = _reference_keep(q, k, dropout_p, rng)
+        dq, dk, dv, ds = reference.sdpa_backward(dout, q, k, v, out, attn_mask, is_causal, scale, dropout_p, keep)
+    if need_dmask:  # summed over the mask's broadcast dims in float32 (float64), then rounded once
+        dims = [d for d in range(4) if mask_shape[d] == 1 and ds.shape[d] != 1]
+        ds = (ds.sum(dims, keepdim=True) if dims else ds).to(attn_mask.dtype).contiguous()
+    else:
+        ds = q.new_empty(0)
+    return dq.to(q.dtype).contiguous(), dk.to(q.dtype).contiguous(), dv.to(q.dtype).contiguous(), ds
+
+
+sdpa_backward = torch.library.custom_op("fastseq::sdpa_backward", _backward_impl, mutates_args=())
+
+
+@sdpa_backward.register_fake
+def _(dout, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p, rng, need_dmask):
+    ds = attn_mask.new_empty(attn_mask.shape) if need_dmask else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, is_causal, scale, dropout_p, rng = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng)
+    ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+
+
+def _backward_with(backward_op):
+    """The autograd formula, running the fused backward through `backward_op` (the custom op, or in eager mode its
+    implementation directly)."""
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, attn_mask, rng = ctx.saved_tensors
+        need_dmask = attn_mask is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, ds = backward_op(dout, q, k, v, out, lse, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p,
+                                     rng, need_dmask)
+        return dq, dk, dv, ds if need_dmask else None, None, None, None, None
+
+    return backward
+
+
+sdpa.register_autograd(_backward_with(sdpa_backward), setup_context=_setup_context)
+_SDPAFunction = eager_function("SDPAFunction", _forward, _setup_context, _backward_with(_backward_impl),
+                               non_differentiable=(1,))
+
+
+def apply(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float,
+          dropout_p: float, rng: Tensor | None) -> Tensor:
+    """The attention output (the op's first result), through the fastest path for the current mode."""
+    return call(sdpa, _SDPAFunction, q, k, v, attn_mask, is_causal, scale, dropout_p, rng)[0]
