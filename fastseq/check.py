@@ -77,6 +77,46 @@ def check_rnn_tanh_cell(device: str, dtype: torch.dtype) -> float:
     return _check_cell(device, dtype, 1, 1, F.rnn_tanh_cell, reference.rnn_cell)
 
 
+def check_rnn_layer(device: str, dtype: torch.dtype) -> float:
+    """Bidirectional LSTM with projection, GRU and Elman RNN layers over a padded and a packed (ragged) batch:
+    outputs, final states and the gradients of every input against fastseq.reference.rnn_layer per direction."""
+    gen = torch.Generator().manual_seed(0)
+    rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    worst = 0.0
+    for mode, gates, proj in (("lstm", 4, 5), ("gru", 3, 0), ("rnn_tanh", 1, 0)):
+        for t, n, c, h, batch_sizes in ((7, 5, 33, 17, None), (5, 4, 8, 64, torch.tensor([4, 3, 3, 1, 1]))):
+            hout = proj or h
+            x = rn(int(batch_sizes.sum()), c) if batch_sizes is not None else rn(t, n, c)
+            states = [rn(2, n, hout)] + ([rn(2, n, h)] if mode == "lstm" else [])
+            params = [p for _ in range(2) for p in [rn(gates * h, c) / h ** 0.5, rn(gates * h, hout) / h ** 0.5,
+                                                    rn(gates * h), rn(gates * h)] + ([rn(proj, h) / h ** 0.5] if proj
+                                                                                     else [])]
+            per = len(params) // 2
+
+            def ours(x, *rest):
+                hx, ps = (tuple(rest[:2]), rest[2:]) if mode == "lstm" else (rest[0], rest[1:])
+                out = getattr(F, mode)(x, hx, list(ps), True, 1, 0.0, False, True, False, batch_sizes=batch_sizes)
+                return torch.cat([o.flatten() for o in out])
+
+            def ref(x, *rest):
+                k = 2 if mode == "lstm" else 1
+                hx, ps = rest[:k], rest[k:]
+                outs = []
+                for d in range(2):
+                    w = list(ps[d * per:(d + 1) * per]) + ([] if proj else [None])
+                    outs.append(reference.rnn_layer(mode, x, hx[0][d], hx[1][d] if mode == "lstm" else None, *w,
+                                                    d == 1, batch_sizes))
+                parts = [torch.cat([outs[0][0], outs[1][0]], -1), torch.stack([outs[0][1], outs[1][1]])]
+                parts += [torch.stack([outs[0][2], outs[1][2]])] if mode == "lstm" else []
+                return torch.cat([o.flatten() for o in parts])
+
+            cast = [v.to(device, dtype) for v in (x, *states, *params)]
+            got = _grads(ours, cast, t)
+            want = _grads(ref, [v.to(device, torch.float64) for v in cast], t)
+            worst = max(worst, *(_rel(a, e) for a, e in zip(got, want)))
+    return worst
+
+
 def check_scaled_dot_product_attention(device: str, dtype: torch.dtype) -> float:
     """Output and gradients of q, k, v and a float mask with GQA and L != S, and a causal call; head dim 64 so that
     the CUDA C++ kernel runs too."""
@@ -96,7 +136,7 @@ def check_scaled_dot_product_attention(device: str, dtype: torch.dtype) -> float
 
 CHECKS: dict[str, Callable[[str, torch.dtype], float]] = {
     "layer_norm": check_layer_norm, "lstm_cell": check_lstm_cell, "peephole_lstm_cell": check_peephole_lstm_cell,
-    "gru_cell": check_gru_cell, "rnn_tanh_cell": check_rnn_tanh_cell,
+    "gru_cell": check_gru_cell, "rnn_tanh_cell": check_rnn_tanh_cell, "rnn_layer": check_rnn_layer,
     "scaled_dot_product_attention": check_scaled_dot_product_attention}
 DTYPES_BY_DEVICE = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
                     "cuda": (torch.float32, torch.float16, torch.bfloat16)}

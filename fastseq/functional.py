@@ -245,3 +245,166 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     scale = float(E ** -0.5 if scale is None else scale) if E > 0 or scale is not None else 1.0
     out = ops.attention.apply(q4, k4, v4, mask, bool(is_causal), scale, float(dropout_p), rng)
     return out.view(*batch, hq, L, Ev)[(0,) * (nd - max(query.dim(), key.dim(), value.dim()))]
+
+
+# ----------------------------------------------------------------------------------------------- sequence layers
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _layer_params(mode: str, input: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int,
+                  bidirectional: bool) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]]:
+    """Checks the flat parameter list (torch's order: per layer, per direction w_ih, w_hh, [b_ih, b_hh], [w_hr])
+    and returns (w_ih, w_hh, b_ih, b_hh, w_hr) per layer direction."""
+    gates, dirs = _GATES[mode], 2 if bidirectional else 1
+    if not isinstance(num_layers, numbers.Integral) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    per = 2 + 2 * bool(has_biases)
+    count = len(params)
+    proj = mode == "lstm" and count == num_layers * dirs * (per + 1)
+    if count != num_layers * dirs * (per + proj):
+        raise ShapeError(f"params must hold {num_layers * dirs * per} tensors ({num_layers} layers x {dirs} "
+                         f"directions x [w_ih, w_hh{', b_ih, b_hh' if has_biases else ''}]"
+                         f"{', + w_hr each for an LSTM with projections' if mode == 'lstm' else ''}), got {count}")
+    per += proj
+    out = []
+    hidden = hout = None
+    for i in range(num_layers * dirs):
+        layer, suffix = divmod(i, dirs)
+        name = f"l{layer}{'_reverse' if suffix else ''}"
+        w = list(params[i * per:(i + 1) * per])
+        for j, t in enumerate(w):
+            _check_like(t, input, f"params[{i * per + j}] (of {name})", "input")
+        w_ih, w_hh = w[0], w[1]
+        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+        w_hr = w[-1] if proj else None
+        if hidden is None:
+            if w_hh.dim() != 2 or w_hh.shape[0] % gates:
+                raise ShapeError(f"weight_hh_{name} must have shape [{gates}*hidden_size, hidden_size], got "
+                                 f"{list(w_hh.shape)}")
+            hidden = w_hh.shape[0] // gates
+            hout = w_hr.shape[0] if proj else hidden
+        in_size = input.shape[-1] if layer == 0 else dirs * hout
+        if layer == 0 and (w_ih.dim() != 2 or w_ih.shape[1] != in_size):
+            raise ShapeError(f"input.size(-1) must be equal to input_size. Expected "
+                             f"{w_ih.shape[1] if w_ih.dim() == 2 else '?'}, got {in_size}")
+        for t, pname, shape in ((w_ih, "weight_ih", (gates * hidden, in_size)), (w_hh, "weight_hh",
+                                (gates * hidden, hout)), (b_ih, "bias_ih", (gates * hidden,)),
+                                (b_hh, "bias_hh", (gates * hidden,)), (w_hr, "weight_hr", (hout, hidden))):
+            if t is not None and tuple(t.shape) != shape:
+                raise ShapeError(f"{pname}_{name} must have shape {list(shape)}, got {list(t.shape)}")
+        out.append((w_ih, w_hh, b_ih, b_hh, w_hr))
+    return out
+
+
+def _check_state(t: Tensor, name: str, input: Tensor, shape: tuple[int, ...]) -> None:
+    _check_floating(t, name)
+    if tuple(t.shape) != shape:
+        raise ShapeError(f"Expected {name} of size {shape} (num_layers * num_directions, batch, size), "
+                         f"got {list(t.shape)}")
+    _check_like(t, input, name, "input")
+
+
+def _sequence(mode: str, input: Tensor, hx, params: Sequence[Tensor], has_biases: bool, num_layers: int,
+              dropout: float, train: bool, bidirectional: bool, batch_first: bool, batch_sizes: Tensor | None
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The multi-layer recurrence: checks, then per layer and direction one fastseq::rnn_layer call (the time loop
+    runs in the backend), directions concatenated along the features, dropout between layers in training."""
+    _check_floating(input, "input")
+    if batch_sizes is not None:
+        if not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 \
+                or batch_sizes.device.type != "cpu":
+            got = (f"{batch_sizes.dtype} tensor of shape {list(batch_sizes.shape)} on {batch_sizes.device}"
+                   if isinstance(batch_sizes, Tensor) else type(batch_sizes).__name__)
+            raise TypeError(f"batch_sizes must be a 1-D int64 CPU tensor (PackedSequence.batch_sizes), got {got}")
+        if input.dim() != 2:
+            raise ShapeError(f"packed input must have 2 dimensions (sum(batch_sizes), input_size), got shape "
+                             f"{list(input.shape)}")
+    elif input.dim() != 3:
+        raise ShapeError(f"input must have 3 dimensions ({'batch, seq' if batch_first else 'seq, batch'}, "
+                         f"input_size), got shape {list(input.shape)}")
+    if not 0 <= dropout <= 1:
+        raise ValueError(f"dropout must be a number in [0, 1], got {dropout}")
+    layers = _layer_params(mode, input, params, has_biases, num_layers, bidirectional)
+    dirs = 2 if bidirectional else 1
+    x = input if batch_sizes is not None or not batch_first else input.transpose(0, 1)
+    if x.shape[0] == 0:
+        raise ShapeError(f"Expected sequence length to be larger than 0, got input of shape {list(input.shape)}")
+    n = int(batch_sizes[0]) if batch_sizes is not None else x.shape[1]
+    w_hh, w_hr = layers[0][1], layers[0][4]
+    hidden = w_hh.shape[0] // _GATES[mode]
+    hout = hidden if w_hr is None else w_hr.shape[0]
+    lstm = mode == "lstm"
+    if hx is None:
+        h0 = x.new_zeros(num_layers * dirs, n, hout)
+        c0 = x.new_zeros(num_layers * dirs, n, hidden) if lstm else None
+    elif lstm:
+        if isinstance(hx, Tensor) or not isinstance(hx, Sequence) or len(hx) != 2:
+            raise TypeError(f"lstm: hx must be a tuple (h0, c0) of two tensors, got {type(hx).__name__}")
+        h0, c0 = hx
+        _check_state(h0, "hx[0]", input, (num_layers * dirs, n, hout))
+        _check_state(c0, "hx[1]", input, (num_layers * dirs, n, hidden))
+    else:
+        if not isinstance(hx, Tensor):
+            raise TypeError(f"{mode}: hx must be a Tensor, got {type(hx).__name__}")
+        h0, c0 = hx, None
+        _check_state(h0, "hx", input, (num_layers * dirs, n, hout))
+    x = x.contiguous()
+    hs, cs = [], []
+    for layer in range(num_layers):
+        ys = []
+        for d in range(dirs):
+            i = layer * dirs + d
+            y, h_n, c_n = ops.rnn_layer.apply(mode, x, h0[i], None if c0 is None else c0[i], *layers[i], d == 1,
+                                              batch_sizes)
+            ys.append(y)
+            hs.append(h_n)
+            cs.append(c_n)
+        x = ys[0] if dirs == 1 else torch.cat(ys, -1)
+        if dropout > 0 and train and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, True)
+    output = x.transpose(0, 1) if batch_sizes is None and batch_first else x
+    return output, torch.stack(hs), torch.stack(cs) if lstm else None
+
+
+def lstm(input: Tensor, hx: Sequence[Tensor] | None, params: Sequence[Tensor], has_biases: bool = True,
+         num_layers: int = 1, dropout: float = 0.0, train: bool = False, bidirectional: bool = False,
+         batch_first: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A multi-layer LSTM over a sequence, as torch._VF.lstm (what torch.nn.LSTM runs): per step
+    gates = x W_ih^T + b_ih + h W_hh^T + b_hh (i, f, g, o), c' = f*c + i*g, h' = o*tanh(c') (times W_hr^T with
+    projections). input (T, N, C) ((N, T, C) with batch_first), or packed data (sum(batch_sizes), C) with
+    `batch_sizes` (PackedSequence's, sorted order); hx = (h0 (L*D, N, Hout), c0 (L*D, N, H)) or None (zeros);
+    params in torch's _flat_weights order (per layer and direction w_ih, w_hh, [b_ih, b_hh], [w_hr]); dropout on the
+    outputs of every layer but the last when `train`. Returns output (T, N, D*Hout) (or packed data), h_n, c_n."""
+    return _sequence("lstm", input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                     batch_sizes)
+
+
+def gru(input: Tensor, hx: Tensor | None, params: Sequence[Tensor], has_biases: bool = True, num_layers: int = 1,
+        dropout: float = 0.0, train: bool = False, bidirectional: bool = False, batch_first: bool = False,
+        batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A multi-layer GRU over a sequence, as torch._VF.gru: per step r, z = sigmoid(..),
+    n = tanh(W_in x + b_in + r*(W_hn h + b_hn)), h' = (1-z)*n + z*h. Arguments as lstm, hx = h0 (L*D, N, H).
+    Returns output, h_n."""
+    output, h_n, _ = _sequence("gru", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                               batch_first, batch_sizes)
+    return output, h_n
+
+
+def rnn_tanh(input: Tensor, hx: Tensor | None, params: Sequence[Tensor], has_biases: bool = True,
+             num_layers: int = 1, dropout: float = 0.0, train: bool = False, bidirectional: bool = False,
+             batch_first: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A multi-layer Elman RNN, as torch._VF.rnn_tanh: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh). Arguments as
+    gru. Returns output, h_n."""
+    output, h_n, _ = _sequence("rnn_tanh", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                               batch_first, batch_sizes)
+    return output, h_n
+
+
+def rnn_relu(input: Tensor, hx: Tensor | None, params: Sequence[Tensor], has_biases: bool = True,
+             num_layers: int = 1, dropout: float = 0.0, train: bool = False, bidirectional: bool = False,
+             batch_first: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A multi-layer Elman RNN with relu, as torch._VF.rnn_relu: h' = relu(x W_ih^T + b_ih + h W_hh^T + b_hh).
+    Arguments as gru. Returns output, h_n."""
+    output, h_n, _ = _sequence("rnn_relu", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                               batch_first, batch_sizes)
+    return output, h_n

@@ -3,4 +3,5 @@ fastseq.backends, with a fake implementation for torch.compile and an autograd f
 kernel too. One module per op family."""
 from . import layer_norm  # noqa: F401
 from . import rnn_cell  # noqa: F401
+from . import rnn_layer  # noqa: F401
 from . import attention  # noqa: F401

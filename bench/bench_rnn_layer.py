@@ -1,0 +1,69 @@
+"""Recurrent layers: fastseq.nn.LSTM / GRU vs torch.nn.LSTM / GRU (oneDNN on the CPU, cuDNN on the GPU) over a whole
+sequence, forward (inference, no autograd graph) and forward+backward (gradients of the input and every parameter).
+Shapes: T=100, N=64, C=H=512 (PyTorch's fastrnns default) with 1 layer and with 2 bidirectional layers; small
+batches N in {1, 8, 16} with H in {128, 256, 512, 1024}, C = H, T = 100, 1 layer. FLOPs count the GEMMs:
+2*T*N*(C_l+H)*G*H per direction and layer (C_l = the layer's input size: C, then D*H), x3 with backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from common import DEVICE, QUICK, peak_mib, run
+
+import fastseq
+from fastseq import nn as fnn
+
+T = 100
+# (N, H, num_layers, bidirectional); C = H
+SHAPES = [(8, 256, 1, False)] if QUICK else (
+    [(64, 512, 1, False), (64, 512, 2, True)] + [(n, h, 1, False) for n in (1, 8, 16) for h in (128, 256, 512, 1024)])
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+GATES = {"lstm": 4, "gru": 3}
+
+
+def _flops(n: int, c: int, h: int, layers: int, bidirectional: bool, gates: int, grad: bool) -> int:
+    dirs = 2 if bidirectional else 1
+    per = sum(2 * T * n * ((c if layer == 0 else dirs * h) + h) * gates * h for layer in range(layers)) * dirs
+    return per * (3 if grad else 1)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-H{h}-L{L}{'-bi' if bi else ''}" for n, h, L, bi in SHAPES])
+@pytest.mark.parametrize("kind", list(GATES))
+def test_rnn_layer(benchmark, kind, shape, mode):
+    if DEVICE == "cuda":
+        pytest.skip("no CUDA or Triton sequence kernel yet: fastseq.nn.LSTM/GRU would run the reference backend")
+    n, h, layers, bidirectional = shape
+    c = h
+    benchmark.group = f"{kind} layer {mode}"
+    grad = mode != "fwd"
+    theirs = getattr(torch.nn, kind.upper())(c, h, num_layers=layers, bidirectional=bidirectional, device=DEVICE,
+                                             dtype=DTYPE)
+    ours = getattr(fnn, kind.upper())(c, h, num_layers=layers, bidirectional=bidirectional, device=DEVICE,
+                                      dtype=DTYPE)
+    ours.load_state_dict(theirs.state_dict())
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(T, n, c, generator=gen, device=DEVICE).to(DTYPE).requires_grad_(grad)
+    dy = torch.randn(T, n, (2 if bidirectional else 1) * h, generator=gen, device=DEVICE).to(DTYPE)
+
+    def step(module):
+        leaves = [x, *module.parameters()]
+
+        def go():
+            if not grad:
+                with torch.no_grad():
+                    module(x)
+                return
+            y, _ = module(x)
+            torch.autograd.grad(y, leaves, dy)
+        return go
+
+    def ours_step():
+        with fastseq.backend("cpu"):
+            step(ours)()
+
+    flops = _flops(n, c, h, layers, bidirectional, GATES[kind], grad)
+    run(benchmark, ours_step, step(theirs), shape=f"T={T} N={n} C={c} H={h} L={layers}{' bi' if bidirectional else ''}",
+        dtype=str(DTYPE), backend="cpu", flops=flops, peak_MiB=peak_mib(ours_step),
+        torch_peak_MiB=peak_mib(step(theirs)))
+    benchmark.extra_info["TFLOPs"] = round(flops / benchmark.extra_info["ms"] / 1e9, 3)
+    benchmark.extra_info["torch_TFLOPs"] = round(flops / benchmark.extra_info["torch_ms"] / 1e9, 3)

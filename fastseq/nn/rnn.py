@@ -1,0 +1,91 @@
+"""fastseq.nn.LSTM, GRU, RNN: drop-in for torch's (constructor, parameter names, initialisation, state_dict), with
+forward on fastseq's sequence kernels (fastseq.functional.lstm / gru / rnn_tanh / rnn_relu)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import functional as F
+
+_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
+def _permute(states: tuple[Tensor, ...], permutation: Tensor | None) -> tuple[Tensor, ...]:
+    return states if permutation is None else tuple(s.index_select(1, permutation) for s in states)
+
+
+class _Recurrent:
+    """forward for torch.nn.RNNBase subclasses, with torch's semantics: batched (3-D) and unbatched (2-D) input,
+    batch_first, PackedSequence in and out (the state permuted by its sorted_indices / unsorted_indices), hx None
+    for zeros; torch's own argument checks (check_forward_args), then fastseq.functional."""
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        mode = _MODES[self.mode]
+        lstm = mode == "lstm"
+        dirs = 2 if self.bidirectional else 1
+        hout = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            batched, n = True, int(batch_sizes[0])
+        else:
+            data, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D tensor "
+                                 f"instead")
+            batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not batched:
+                data = data.unsqueeze(batch_dim)
+            n = data.size(batch_dim)
+        if hx is None:
+            states = (data.new_zeros(self.num_layers * dirs, n, hout),)
+            if lstm:
+                states += (data.new_zeros(self.num_layers * dirs, n, self.hidden_size),)
+        else:
+            states = tuple(hx) if lstm else (hx,)
+            if lstm and len(states) != 2:
+                raise RuntimeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {len(states)}")
+            if not packed:
+                want = 3 if batched else 2
+                if any(s.dim() != want for s in states):
+                    dims = ", ".join(f"{s.dim()}-D" for s in states)
+                    what = "hx and cx" if lstm else "hx"
+                    raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, {what} should "
+                                       f"also be {want}-D but got ({dims}) tensor{'s' if lstm else ''}")
+                if not batched:
+                    states = tuple(s.unsqueeze(1) for s in states)
+        self.check_forward_args(data, states if lstm else states[0], batch_sizes)
+        states = _permute(states, sorted_indices)
+        fn = getattr(F, mode)
+        out = fn(data, states if lstm else states[0], self._flat_weights, self.bias, self.num_layers,
+                 float(self.dropout), self.training, self.bidirectional, self.batch_first, batch_sizes=batch_sizes)
+        output, hidden = out[0], tuple(out[1:])
+        if packed:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            hidden = _permute(hidden, unsorted_indices)
+        elif not batched:
+            output = output.squeeze(batch_dim)
+            hidden = tuple(h.squeeze(1) for h in hidden)
+        return output, hidden if lstm else hidden[0]
+
+
+class LSTM(_Recurrent, torch.nn.LSTM):
+    """torch.nn.LSTM (same arguments incl. proj_size, parameters weight_ih_l{k}[_reverse], weight_hh_..., bias_...,
+    weight_hr_..., initialisation and state_dict) on fastseq's sequence kernels: per step
+    gates = x W_ih^T + b_ih + h W_hh^T + b_hh (i, f, g, o), c' = f*c + i*g, h' = o*tanh(c') (times W_hr^T with
+    proj_size). forward(input, hx=None) -> output, (h_n, c_n)."""
+
+
+class GRU(_Recurrent, torch.nn.GRU):
+    """torch.nn.GRU (same arguments, parameters, initialisation and state_dict) on fastseq's sequence kernels:
+    r, z = sigmoid(..), n = tanh(W_in x + b_in + r*(W_hn h + b_hn)), h' = (1-z)*n + z*h.
+    forward(input, hx=None) -> output, h_n."""
+
+
+class RNN(_Recurrent, torch.nn.RNN):
+    """torch.nn.RNN (same arguments incl. nonlinearity, parameters, initialisation and state_dict) on fastseq's
+    sequence kernels: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh), or relu. forward(input, hx=None) -> output,
+    h_n."""

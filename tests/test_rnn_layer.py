@@ -1,0 +1,394 @@
+"""Recurrent layers (fastseq.nn.LSTM / GRU / RNN, fastseq.functional.lstm / gru / rnn_*, the fastseq::rnn_layer op):
+against torch.nn with the state_dict copied (outputs, final states, gradients of the input, the initial states and
+every parameter) over a seeded sweep of configurations; the op against the float64 reference; PackedSequence sorted
+and unsorted, unbatched input, T=1 and a long sequence, gradcheck, dropout, bfloat16, opcheck, torch.compile, bad
+input."""
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close, assert_within_torch_error, on_backend
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fastseq
+from fastseq import backends, reference
+from fastseq import functional as F
+from fastseq import nn as fnn
+from fastseq.ops import rnn_layer as op
+
+KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# Backends that implement the op here: the C++ kernel when fastseq._C has it, and the reference.
+BACKENDS = (["cpu"] if backends.unavailable_reason("cpu") is None
+            and hasattr(backends.extension(), "rnn_layer_fwd") else []) + ["reference"]
+FAST = BACKENDS[0]  # the backend the long and wide checks run on
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}  # (atol, rtol) against torch.nn
+
+
+def _modules(kind: str, input_size: int, hidden_size: int, dtype=torch.float64, **kw):
+    """A torch.nn module and the fastseq one with the same weights (copied through the state_dict)."""
+    cls = {"lstm": "LSTM", "gru": "GRU"}.get(kind, "RNN")
+    if kind.startswith("rnn_"):
+        kw["nonlinearity"] = kind[4:]
+    if not kw.get("proj_size"):
+        kw.pop("proj_size", None)  # GRU and RNN reject the argument
+    theirs = getattr(torch.nn, cls)(input_size, hidden_size, dtype=dtype, **kw)
+    ours = getattr(fnn, cls)(input_size, hidden_size, dtype=dtype, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _states(kind, num_layers, dirs, n, hidden, proj, dtype, gen, unbatched=False):
+    shape = (num_layers * dirs,) if unbatched else (num_layers * dirs, n)
+    h = torch.randn(*shape, proj or hidden, generator=gen, dtype=torch.float64).to(dtype)
+    if kind != "lstm":
+        return h
+    return h, torch.randn(*shape, hidden, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _flat(out) -> list[torch.Tensor]:
+    """output (or its packed data), h_n (, c_n) of a module's result."""
+    y, h = out
+    return [y.data if isinstance(y, PackedSequence) else y, *(h if isinstance(h, tuple) else (h,))]
+
+
+def _leaves(x, hx) -> list[torch.Tensor]:
+    return [x] + ([] if hx is None else list(hx) if isinstance(hx, tuple) else [hx])
+
+
+def _detach(x, hx):
+    fresh = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    if isinstance(x, PackedSequence):
+        x = PackedSequence(fresh(x.data), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    else:
+        x = fresh(x)
+    if hx is not None:
+        hx = tuple(fresh(t) for t in hx) if isinstance(hx, tuple) else fresh(hx)
+    return x, hx
+
+
+def _check_against_torch(theirs, ours, x, hx, tol, seed=0, backend=None, names=None):
+    """Runs both modules on copies of (x, hx); compares outputs, then the gradients of x, hx and every parameter for
+    random upstream gradients."""
+    xt, hxt = _detach(x, hx)
+    xo, hxo = _detach(x, hx)
+    want = _flat(theirs(xt, hxt))
+    with on_backend(backend or FAST):
+        got = _flat(ours(xo, hxo))
+    atol, rtol = tol
+    names = ["output", "h_n", "c_n"]
+    for g, w, name in zip(got, want, names):
+        assert_close(g, w, atol, rtol, name)
+    gen = torch.Generator().manual_seed(seed)
+    douts = [torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w.dtype) for w in want]
+    inputs_t = [t.data if isinstance(t, PackedSequence) else t for t in _leaves(xt, hxt)]
+    inputs_o = [t.data if isinstance(t, PackedSequence) else t for t in _leaves(xo, hxo)]
+    gw = torch.autograd.grad(want, inputs_t + list(theirs.parameters()), douts)
+    with on_backend(backend or FAST):
+        gg = torch.autograd.grad(got, inputs_o + list(ours.parameters()), douts)
+    gnames = ["dinput", "dh0", "dc0"][: len(inputs_t)] + [f"d{n}" for n, _ in ours.named_parameters()]
+    for g, w, name in zip(gg, gw, gnames):
+        assert_close(g, w, atol, rtol, name)
+
+
+def _sweep(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    configs = []
+    for i in range(count):
+        kind = KINDS[i % len(KINDS)]
+        hidden = rng.choice([1, 3, 7, 16, 33])
+        configs.append(dict(kind=kind, num_layers=rng.randint(1, 3), bidirectional=rng.random() < 0.5,
+                            batch_first=rng.random() < 0.5, bias=rng.random() < 0.75,
+                            proj_size=rng.choice([0, 0, max(hidden - 2, 1)]) if kind == "lstm" and hidden > 1 else 0,
+                            input_size=rng.choice([1, 2, 5, 17, 64]), hidden_size=hidden, T=rng.choice([1, 2, 5, 9]),
+                            N=rng.choice([1, 2, 3, 8]), hx=rng.random() < 0.7))
+    return configs
+
+
+SWEEP = _sweep(24, 1234)
+
+
+@pytest.mark.parametrize("cfg", SWEEP, ids=[f"{i}-{c['kind']}-L{c['num_layers']}{'-bi' if c['bidirectional'] else ''}"
+                                            f"{'-bf' if c['batch_first'] else ''}{'' if c['bias'] else '-nobias'}"
+                                            f"{'-p%d' % c['proj_size'] if c['proj_size'] else ''}"
+                                            for i, c in enumerate(SWEEP)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sweep_against_torch(cfg, dtype):
+    kind, L, bi = cfg["kind"], cfg["num_layers"], cfg["bidirectional"]
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=cfg["batch_first"], bias=cfg["bias"])
+    if cfg["proj_size"]:
+        kw["proj_size"] = cfg["proj_size"]
+    torch.manual_seed(SWEEP.index(cfg))
+    theirs, ours = _modules(kind, cfg["input_size"], cfg["hidden_size"], dtype, **kw)
+    gen = torch.Generator().manual_seed(7)
+    T, N = cfg["T"], cfg["N"]
+    shape = (N, T) if cfg["batch_first"] else (T, N)
+    x = torch.randn(*shape, cfg["input_size"], generator=gen, dtype=torch.float64).to(dtype)
+    hx = _states(kind, L, 2 if bi else 1, N, cfg["hidden_size"], cfg["proj_size"], dtype, gen) if cfg["hx"] else None
+    _check_against_torch(theirs, ours, x, hx, TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_backend_and_bidirectional_projection(kind, backend):
+    """Each backend on a 2-layer bidirectional module (LSTM with projection) against torch in float64."""
+    kw = dict(num_layers=2, bidirectional=True, proj_size=3 if kind == "lstm" else 0)
+    theirs, ours = _modules(kind, 5, 6, **kw)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+    _check_against_torch(theirs, ours, x, _states(kind, 2, 2, 3, 6, kw["proj_size"], torch.float64, gen),
+                         TOL[torch.float64], backend=backend)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("kind", KINDS + ["lstm_proj"])
+def test_op_against_reference(kind, reverse, packed):
+    """fastseq::rnn_layer on the fast backend against fastseq.reference.rnn_layer in float64: outputs and the
+    gradients of every input, packed (ragged batch) and not, both directions."""
+    mode = "lstm" if kind == "lstm_proj" else kind
+    gen = torch.Generator().manual_seed(3)
+    rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    T, N, C, H, P = 6, 4, 5, 7, 3 if kind == "lstm_proj" else 0
+    G, hout = GATES[mode], P or H
+    batch_sizes = torch.tensor([4, 4, 3, 2, 2, 1]) if packed else None
+    x = rn(int(batch_sizes.sum()), C) if packed else rn(T, N, C)
+    args = [x, rn(N, hout), rn(N, H) if mode == "lstm" else None, rn(G * H, C) * 0.4, rn(G * H, hout) * 0.4,
+            rn(G * H), rn(G * H), rn(P, H) * 0.4 if P else None]
+    leaves = [None if a is None else a.requires_grad_() for a in args]
+    with on_backend(FAST):
+        got = [t for t in op.apply(mode, *leaves, reverse, batch_sizes) if t is not None]
+    want = [t for t in reference.rnn_layer(mode, *leaves, reverse, batch_sizes) if t is not None]
+    for g, w, name in zip(got, want, ["y", "h_n", "c_n"]):
+        assert_close(g, w, 1e-12, 1e-10, name)
+    douts = [rn(*w.shape) for w in want]
+    present = [a for a in leaves if a is not None]
+    with on_backend(FAST):
+        gg = torch.autograd.grad(got, present, douts)
+    gw = torch.autograd.grad(want, present, douts)
+    for i, (g, w) in enumerate(zip(gg, gw)):
+        assert_close(g, w, 1e-12, 1e-10, f"grad {i}")
+
+
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_sequence(kind, enforce_sorted):
+    """PackedSequence in and out, lengths unsorted (enforce_sorted=False) with a length-1 sequence, or sorted;
+    2 bidirectional layers, with hx given and without."""
+    lengths = [5, 4, 3, 3, 1] if enforce_sorted else [3, 1, 5, 4, 2]
+    kw = dict(num_layers=2, bidirectional=True, proj_size=2 if kind == "lstm" else 0)
+    theirs, ours = _modules(kind, 3, 4, **kw)
+    gen = torch.Generator().manual_seed(5)
+    padded = torch.randn(max(lengths), len(lengths), 3, generator=gen, dtype=torch.float64)
+    x = pack_padded_sequence(padded, lengths, enforce_sorted=enforce_sorted)
+    for hx in (None, _states(kind, 2, 2, len(lengths), 4, kw["proj_size"], torch.float64, gen)):
+        _check_against_torch(theirs, ours, x, hx, TOL[torch.float64])
+    with on_backend(FAST):
+        y, _ = ours(x)
+    assert isinstance(y, PackedSequence)
+    assert torch.equal(y.batch_sizes, x.batch_sizes)
+    for a, b in ((y.sorted_indices, x.sorted_indices), (y.unsorted_indices, x.unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_unbatched(kind, batch_first):
+    theirs, ours = _modules(kind, 4, 5, num_layers=2, bidirectional=True, batch_first=batch_first)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    for hx in (None, _states(kind, 2, 2, 1, 5, 0, torch.float64, gen, unbatched=True)):
+        _check_against_torch(theirs, ours, x, hx, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_t1_and_empty_batch(kind):
+    theirs, ours = _modules(kind, 3, 4, num_layers=2)
+    gen = torch.Generator().manual_seed(8)
+    _check_against_torch(theirs, ours, torch.randn(1, 3, 3, generator=gen, dtype=torch.float64), None,
+                         TOL[torch.float64])
+    with on_backend(FAST):
+        y, _ = ours(torch.randn(4, 0, 3, dtype=torch.float64))
+    assert y.shape == theirs(torch.randn(4, 0, 3, dtype=torch.float64))[0].shape
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_long_sequence(kind):
+    """T=300 in float64: no drift against torch, finite; the states stay bounded."""
+    theirs, ours = _modules(kind, 8, 16, bidirectional=True)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(300, 2, 8, generator=gen, dtype=torch.float64) * 3
+    _check_against_torch(theirs, ours, x, None, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kind", KINDS + ["lstm_proj"])
+def test_gradcheck(kind):
+    mode = "lstm" if kind == "lstm_proj" else kind
+    gen = torch.Generator().manual_seed(10)
+    rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    T, N, C, H, P = 3, 2, 2, 3, 2 if kind == "lstm_proj" else 0
+    G, hout = GATES[mode], P or H
+    params = [t for _ in range(2) for t in [rn(G * H, C), rn(G * H, hout), rn(G * H), rn(G * H)]
+              + ([rn(P, H)] if P else [])]  # both directions
+    h0 = rn(2, N, hout)
+    c0 = rn(2, N, H) if mode == "lstm" else None
+
+    def fn(x, h0, c0, *params):
+        hx = (h0, c0) if mode == "lstm" else h0
+        return getattr(F, mode)(x, hx, params, True, 1, 0.0, False, True, False)
+
+    with on_backend(FAST):
+        assert torch.autograd.gradcheck(fn, (rn(T, N, C), h0, c0, *params))
+    batch_sizes = torch.tensor([2, 1, 1])  # packed, ragged
+
+    def packed(x, h0, c0, *params):
+        hx = (h0, c0) if mode == "lstm" else h0
+        return getattr(F, mode)(x, hx, params, True, 1, 0.0, False, True, False, batch_sizes=batch_sizes)
+
+    with on_backend(FAST):
+        assert torch.autograd.gradcheck(packed, (rn(4, C), h0, c0, *params))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_dropout(kind):
+    """Training: stochastic, shape kept, dropout applied between layers only (the first layer's state and the
+    last layer's output untouched). Eval: deterministic and equal to torch."""
+    theirs, ours = _modules(kind, 6, 8, num_layers=3, dropout=0.5)
+    x = torch.randn(5, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    theirs.eval()
+    ours.eval()
+    _check_against_torch(theirs, ours, x, None, TOL[torch.float64])
+    with on_backend(FAST):
+        y_eval, h_eval = ours(x)
+        ours.train()
+        torch.manual_seed(0)
+        y1, h1 = ours(x)
+        y2, _ = ours(x)
+    h_eval, h1 = (h_eval[0], h1[0]) if kind == "lstm" else (h_eval, h1)
+    assert y1.shape == y_eval.shape and h1.shape == h_eval.shape
+    assert not torch.equal(y1, y2), "dropout in training should be stochastic"
+    assert_close(h1[0], h_eval[0], 1e-12, 1e-12, "layer 0 state (before any dropout)")
+    assert not torch.allclose(h1[1], h_eval[1]), "layer 1 sees dropout on layer 0's output"
+    assert (y1 != 0).all(), "no dropout on the last layer's output"
+
+
+def test_bfloat16_within_torch_error():
+    theirs, ours = _modules("lstm", 32, 32, dtype=torch.float64, num_layers=2)
+    x = torch.randn(8, 4, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    ref = theirs(x)[0]
+    tb = theirs.to(torch.bfloat16)
+    ob = ours.to(torch.bfloat16)
+    with on_backend(FAST):
+        got = ob(x.bfloat16())[0]
+    assert got.dtype == torch.bfloat16
+    assert_within_torch_error(got, tb(x.bfloat16())[0], ref, "bf16 LSTM output", factor=2.0)
+
+
+def test_state_dict_both_ways_and_flatten():
+    theirs = torch.nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
+    ours = fnn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert "weight_hr_l1_reverse" in ours.state_dict()
+    theirs.load_state_dict(ours.state_dict())
+    ours.flatten_parameters()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+    assert isinstance(ours, torch.nn.LSTM) and isinstance(fnn.GRU(2, 2), torch.nn.GRU)
+
+
+def test_falls_back_with_warning():
+    """Where the cpu backend cannot run (here float16 on the CPU; CUDA tensors likewise until a CUDA sequence kernel
+    exists) the op runs on the reference backend with a one-time warning, never silently."""
+    backends._warned.clear()
+    theirs, ours = _modules("gru", 3, 4, dtype=torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, _ = ours(torch.randn(2, 2, 3, dtype=torch.float16))
+    assert y.dtype == torch.float16
+    assert any("rnn_layer runs on the reference backend" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(FAST != "cpu", reason="fastseq._C has no rnn_layer_fwd")
+@pytest.mark.parametrize("kind", ["lstm_proj", "gru", "rnn_relu"])
+def test_opcheck(kind):
+    mode = "lstm" if kind == "lstm_proj" else kind
+    gen = torch.Generator().manual_seed(13)
+    rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    C, H, P = 3, 4, 2 if kind == "lstm_proj" else 0
+    G, hout = GATES[mode], P or H
+    params = [rn(G * H, C), rn(G * H, hout), rn(G * H), rn(G * H), rn(P, H) if P else None]
+    for x, bs, reverse in ((rn(3, 2, C), None, False), (rn(4, C), torch.tensor([2, 1, 1]), True)):
+        args = (mode, x, rn(2, hout), rn(2, H) if mode == "lstm" else None, *params, reverse, bs)
+        torch.library.opcheck(torch.ops.fastseq.rnn_layer, args)
+
+
+@pytest.mark.skipif(FAST != "cpu", reason="fastseq._C has no rnn_layer_fwd")
+def test_torch_compile_fullgraph():
+    """fastseq.functional.lstm traces into one graph (the custom op with its fake and autograd formula). Dynamo
+    refuses torch.nn.RNNBase subclasses such as the modules unless torch._dynamo.config.allow_rnn is set."""
+    theirs, ours = _modules("lstm", 3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *params):
+        y, h, c = F.lstm(x, None, params, True, 2, 0.0, False, True, False)
+        return y, (h, c)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y, (h, c) = compiled(x, *ours._flat_weights)
+    yt, (ht, ct) = theirs(x)
+    assert_close(y, yt, 1e-10, 1e-9, "output")
+    (gx,) = torch.autograd.grad((y.sum() + h.sum() + c.sum()), x)
+    (gt,) = torch.autograd.grad((yt.sum() + ht.sum() + ct.sum()), x)
+    assert_close(gx, gt, 1e-10, 1e-9, "dinput")
+
+
+def _error_kind(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
+
+
+@pytest.mark.parametrize("case", ["feature_size", "hx_shape", "hx_layers", "hx_dims", "input_dtype", "hx_dtype",
+                                  "input_dims", "packed_device"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_bad_input_errors_like_torch(kind, case):
+    theirs, ours = _modules(kind, 3, 4, dtype=torch.float32, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    L = 2
+    make = {
+        "feature_size": lambda: (torch.randn(5, 2, 4), None),
+        "hx_shape": lambda: (x, _states(kind, L, 1, 3, 4, 0, torch.float32, torch.Generator())),
+        "hx_layers": lambda: (x, _states(kind, 1, 1, 2, 4, 0, torch.float32, torch.Generator())),
+        "hx_dims": lambda: (x, _states(kind, L, 1, 2, 4, 0, torch.float32, torch.Generator(), unbatched=True)),
+        "input_dtype": lambda: (x.double(), None),
+        "hx_dtype": lambda: (x, _states(kind, L, 1, 2, 4, 0, torch.float64, torch.Generator())),
+        "input_dims": lambda: (torch.randn(5, 2, 3, 1), None),
+        "packed_device": lambda: (pack_padded_sequence(torch.randn(5, 2, 3, device="meta"), [5, 3]), None),
+    }[case]
+    args = make()
+    e_theirs = _error_kind(lambda: theirs(*args))
+    with fastseq.backend(FAST):
+        e_ours = _error_kind(lambda: ours(*args))
+    assert e_theirs is not None and e_ours is not None, (e_theirs, e_ours)
+    assert isinstance(e_ours, type(e_theirs)), f"torch raised {type(e_theirs).__name__}, fastseq {e_ours!r}"
+
+
+def test_functional_errors_name_the_argument():
+    w = [torch.randn(12, 3), torch.randn(12, 4)]
+    with pytest.raises(RuntimeError, match="input_size. Expected 3, got 5"):
+        F.gru(torch.randn(2, 1, 5), None, w, False)
+    with pytest.raises(RuntimeError, match="params must hold 2 tensors"):
+        F.gru(torch.randn(2, 1, 3), None, w + [torch.randn(12)], False)
+    with pytest.raises(RuntimeError, match="hx"):
+        F.gru(torch.randn(2, 1, 3), torch.randn(1, 2, 4), w, False)
+    with pytest.raises(RuntimeError, match="weight_hh_l0 must have shape"):
+        F.gru(torch.randn(2, 1, 3), None, [w[0], torch.randn(12, 5)], False)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        F.gru(torch.randn(0, 1, 3), None, w, False)
+    with pytest.raises(TypeError, match="batch_sizes"):
+        F.gru(torch.randn(2, 3), None, w, False, batch_sizes=torch.tensor([1.0, 1.0]))
