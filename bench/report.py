@@ -23,8 +23,8 @@ def main(path: str) -> int:
     table = [header] + [[str(r[0])] + [str(r[i + 1]) for i in used] for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     machine = data.get("machine_info", {})
-    print(f"# {machine.get('cpu', {}).get('brand_raw', '')} | {rows and data['benchmarks'][0]['extra_info'].get('device')}"
-          f" | speedup = torch_ms / ms (higher is better)")
+    device = data["benchmarks"][0]["extra_info"].get("device")
+    print(f"# {machine.get('cpu', {}).get('brand_raw', '')} | {device} | speedup = torch_ms / ms (higher is better)")
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     return 0

@@ -476,7 +476,8 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> tuple[int, int, int, int, int, int, int]:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
+                  ) -> tuple[int, int, int, int, int, int, int]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"sdpa: {name} must be 4-D (B, H, len, dim), got shape {tuple(t.shape)}")
