@@ -43,7 +43,7 @@ def _with_cuda() -> bool:
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = ["csrc/bindings.cpp"] + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17"] + _cpu_flags()
+    cxx = ["-O3"] + _cpu_flags()  # the C++ standard is torch's (C++20 for torch 2.13)
     if _compiler_accepts("-fopenmp"):
         cxx.append("-fopenmp")
     ldflags = ["-fopenmp"] if "-fopenmp" in cxx else []
@@ -55,7 +55,7 @@ def _extension():
     archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").replace(".", "").split()
     cxx += ["-DWITH_CUDA", "-DFASTSEQ_CUDA_ARCHS=" + "_".join("sm" + a for a in archs)]
     sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*_glue.cpp")
-    nvcc = ["-O3", "-std=c++17", "-lineinfo", "-DWITH_CUDA"]
+    nvcc = ["-O3", "-lineinfo", "-DWITH_CUDA"]
     return cpp_extension.CUDAExtension("fastseq._C", sources, include_dirs=include,
                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                                        extra_link_args=ldflags)

@@ -12,7 +12,7 @@ mkdir -p "$out/stub/c10/cuda/impl"
 status=0
 for cu in csrc/cuda/*.cu; do
   name=$(basename "$cu" .cu)
-  if ! "$NVCC" -std=c++17 -O3 -lineinfo -Icsrc -gencode arch=compute_80,code=sm_80 \
+  if ! "$NVCC" -std=c++20 -O3 -lineinfo -Icsrc -gencode arch=compute_80,code=sm_80 \
       -gencode arch=compute_90,code=sm_90 -Xptxas -v -c "$cu" -o "$out/$name.o" > "$out/$name.log" 2>&1; then
     cat "$out/$name.log"; echo "FAIL nvcc $cu"; status=1; continue
   fi
@@ -28,7 +28,7 @@ TORCH_INC=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join('-I'
 PY_INC=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 CUDA_INC=$(dirname "$(dirname "$(command -v "$NVCC")")")/include
 for glue in csrc/cuda/*_glue.cpp; do
-  if c++ -std=c++17 -fsyntax-only -DWITH_CUDA -Icsrc -I"$out/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
+  if c++ -std=c++20 -fsyntax-only -DWITH_CUDA -Icsrc -I"$out/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
       -I/usr/local/cuda/include "$glue"; then
     echo "ok   c++ -fsyntax-only $glue"
   else
