@@ -18,12 +18,21 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def _reps(first_ms: float) -> int:
+    """Repetitions for a median: fewer for slow calls, so that the full suite stays within minutes."""
+    return 3 if QUICK or first_ms > 500 else 5 if first_ms > 50 else 10
+
+
 def median_ms(fn: Callable[[], object], reps: int | None = None, warmup: int = 2) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on the GPU)."""
-    reps = reps or (3 if QUICK else 10)
-    for _ in range(warmup):
+    """Median wall time of fn() in milliseconds (CUDA events on the GPU), after `warmup` calls (the last of which,
+    past any compilation, sizes `reps` when it is not given)."""
+    for i in range(warmup):
+        t = time.perf_counter()
         fn()
-    sync()
+        sync()
+        if i == warmup - 1 and reps is None:
+            reps = _reps((time.perf_counter() - t) * 1e3)
+    reps = reps or 3
     times = []
     for _ in range(reps):
         if DEVICE == "cuda":
@@ -70,7 +79,7 @@ def run(benchmark, fn: Callable[[], object], baseline: Callable[[], object], **i
         fn()
         sync()
 
-    benchmark.pedantic(timed, rounds=3 if QUICK else 5, warmup_rounds=1)
+    benchmark.pedantic(timed, rounds=min(_reps(ours_ms), 5), warmup_rounds=1)
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
                                 ms=round(ours_ms, 4), torch_ms=round(base_ms, 4),
                                 speedup=round(base_ms / ours_ms, 3), **info)
