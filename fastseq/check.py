@@ -28,6 +28,14 @@ def _grads(fn: Callable[..., torch.Tensor], args: list[torch.Tensor], seed: int)
     return [out, *torch.autograd.grad(out, args, g)]
 
 
+def _worst_error(ours: Callable[..., torch.Tensor], ref: Callable[..., torch.Tensor], args: list[torch.Tensor],
+                 seed: int) -> float:
+    """Worst relative error of ours(*args) and its gradients against ref on the same inputs in float64."""
+    got = _grads(ours, args, seed)
+    want = _grads(ref, [a.to(torch.float64) for a in args], seed)
+    return max(_rel(a, e) for a, e in zip(got, want))
+
+
 def check_layer_norm(device: str, dtype: torch.dtype) -> float:
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
@@ -35,10 +43,8 @@ def check_layer_norm(device: str, dtype: torch.dtype) -> float:
         x = torch.randn(m, n, generator=gen, dtype=torch.float64)
         w, b = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
         cast = [t.to(device, dtype) for t in (x, w, b)]
-        got = _grads(lambda x, w, b: F.layer_norm(x, (n,), w, b), cast, m)
-        want = _grads(lambda x, w, b: reference.layer_norm(x, [n], w, b), [t.to(device, torch.float64)
-                                                                          for t in cast], m)
-        worst = max(worst, *(_rel(a, e) for a, e in zip(got, want)))
+        worst = max(worst, _worst_error(lambda x, w, b: F.layer_norm(x, (n,), w, b),
+                                        lambda x, w, b: reference.layer_norm(x, [n], w, b), cast, m))
     return worst
 
 
@@ -53,9 +59,7 @@ def _check_cell(device: str, dtype: torch.dtype, gates: int, states: int, ours: 
         params = [rn(gates * h, c) / h ** 0.5, rn(gates * h, h) / h ** 0.5, rn(gates * h), rn(gates * h)]
         params += [rn(3, h)] if peephole else []
         cast = [t.to(device, dtype) for t in (x, *hx, *params)]
-        got = _grads(ours, cast, n)
-        want = _grads(ref, [t.to(device, torch.float64) for t in cast], n)
-        worst = max(worst, *(_rel(a, e) for a, e in zip(got, want)))
+        worst = max(worst, _worst_error(ours, ref, cast, n))
     return worst
 
 
@@ -111,9 +115,7 @@ def check_rnn_layer(device: str, dtype: torch.dtype) -> float:
                 return torch.cat([o.flatten() for o in parts])
 
             cast = [v.to(device, dtype) for v in (x, *states, *params)]
-            got = _grads(ours, cast, t)
-            want = _grads(ref, [v.to(device, torch.float64) for v in cast], t)
-            worst = max(worst, *(_rel(a, e) for a, e in zip(got, want)))
+            worst = max(worst, _worst_error(ours, ref, cast, t))
     return worst
 
 
@@ -127,10 +129,8 @@ def check_scaled_dot_product_attention(device: str, dtype: torch.dtype) -> float
         args = [rn(b, hq, l, e), rn(b, hk, s, e), rn(b, hk, s, e)] + ([] if causal else [rn(b, 1, l, s)])
         cast = [t.to(device, dtype) for t in args]
         kw = dict(is_causal=causal, enable_gqa=True)
-        got = _grads(lambda *a: F.scaled_dot_product_attention(*a, **kw), cast, l)
-        want = _grads(lambda *a: reference.scaled_dot_product_attention(*a, **kw),
-                      [t.to(device, torch.float64) for t in cast], l)
-        worst = max(worst, *(_rel(a, e) for a, e in zip(got, want)))
+        worst = max(worst, _worst_error(lambda *a: F.scaled_dot_product_attention(*a, **kw),
+                                        lambda *a: reference.scaled_dot_product_attention(*a, **kw), cast, l))
     return worst
 
 
