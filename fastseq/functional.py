@@ -1,10 +1,15 @@
 """Functional API with the signatures of torch.nn.functional (and torch's cell functions), on fastseq's kernels.
-Arguments are checked here, with errors that name the argument, the expected and the actual value."""
+Arguments are checked here, with errors that name the argument, the expected and the actual value.
+
+Under torch.autocast every function takes the dtypes autocast gives and returns the dtype that torch's own op
+returns in the same place (see _autocast for the rule of each op on the CPU and on CUDA)."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +38,92 @@ def _check_like(t: Tensor | None, ref: Tensor, name: str, ref_name: str, shape: 
         raise DTypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
+# ------------------------------------------------------------------------------------------------------ autocast
+def _map_tensors(fn: Callable[[Tensor], Tensor], x):
+    """fn applied to x if it is a tensor, to each element if it is a list or tuple; anything else as it is."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, list):
+        return [_map_tensors(fn, v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_map_tensors(fn, v) for v in x)
+    return x
+
+
+def _autocast(cpu: str, cuda: str) -> Callable[[Callable], Callable]:
+    """Makes a public function follow torch.autocast as torch's counterpart does. Outside autocast (for the input's
+    device type), for float64 input and on devices other than the CPU and CUDA, the function runs unchanged.
+    Inside, with d = torch.get_autocast_dtype(device), the rule for the input's device (`cpu` or `cuda`) picks the
+    dtype the function runs in (every floating tensor argument on that device, float64 ones aside, is cast to it)
+    and the dtype of the tensors it returns:
+
+    - "lower": runs in and returns d. Autocast's lower-precision list (the cells on CUDA,
+      scaled_dot_product_attention on both), what torch composes of matrix products and activations only (Elman
+      cells and layers on the CPU) and what it runs on oneDNN (the LSTM layer on the CPU). CUDA's recurrent
+      layers: torch runs them on cuDNN through autocast's wrapper of _cudnn_rnn, which casts to float16 whatever d
+      is (in the sources read, aten/src/ATen/cudnn/AutocastRNN.cpp); here they run in d.
+    - "fp32": runs in and returns float32. Autocast's fp32 list (layer_norm on CUDA).
+    - "input": runs in the promoted dtype of the tensors and returns the input's. An op autocast leaves alone whose
+      kernel takes float32 parameters with lower-precision input (layer_norm on the CPU).
+    - "state": runs in and returns promote_types(d, the state's dtype), the state being hx (an LSTM's cell state
+      c), the input when hx is None. What torch composes of matrix products (run in d) and pointwise math on the
+      state, whose dtype the result takes (LSTM and GRU cells, the GRU layer on the CPU). With a float32 state the
+      op runs in float32: the state keeps torch's precision, the matrix products (d in torch) have more.
+    - "packed_state": "state" for packed input (batch_sizes given), else "lower" (the LSTM layer on the CPU, which
+      torch runs on oneDNN, except packed input).
+
+    The function runs with autocast off, so that its matrix products stay in the dtype chosen."""
+    rules = {"cpu": cpu, "cuda": cuda}
+
+    def decorate(fn: Callable) -> Callable:
+        names = list(inspect.signature(fn).parameters)
+
+        def argument(args: tuple, kwargs: dict, name: str):
+            i = names.index(name)
+            return args[i] if i < len(args) else kwargs.get(name)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            input = args[0] if args else kwargs.get(names[0])
+            device = input.device.type if isinstance(input, Tensor) else None
+            if (device not in rules or not torch.is_autocast_enabled(device) or not input.is_floating_point()
+                    or input.dtype == torch.float64):
+                return fn(*args, **kwargs)
+
+            def eligible(t: Tensor) -> bool:
+                return t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device
+
+            lower, rule = torch.get_autocast_dtype(device), rules[device]
+            if rule == "packed_state":
+                rule = "lower" if argument(args, kwargs, "batch_sizes") is None else "state"
+            if rule == "lower":
+                dtype = out_dtype = lower
+            elif rule == "fp32":
+                dtype = out_dtype = torch.float32
+            elif rule == "input":
+                dtype = out_dtype = input.dtype
+                for t in (*args, *kwargs.values()):
+                    if isinstance(t, Tensor) and eligible(t):
+                        dtype = torch.promote_types(dtype, t.dtype)
+            else:  # "state"
+                hx = argument(args, kwargs, "hx")
+                state = hx[-1] if isinstance(hx, (list, tuple)) and hx else hx
+                dtype = out_dtype = torch.promote_types(lower, state.dtype if isinstance(state, Tensor) else
+                                                        input.dtype)
+
+            def cast(t: Tensor) -> Tensor:
+                return t.to(dtype) if eligible(t) else t
+
+            with torch.autocast(device, enabled=False):
+                out = fn(*_map_tensors(cast, args), **{k: _map_tensors(cast, v) for k, v in kwargs.items()})
+            return _map_tensors(lambda t: t.to(out_dtype), out)
+
+        return run
+
+    return decorate
+
+
+@_autocast(cpu="input", cuda="fp32")
 def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias over the last len(normalized_shape) dims
@@ -119,6 +210,7 @@ def _lstm(input, hx, w_ih, w_hh, b_ih, b_hh, w_peephole, fn):
     return (hy, cy) if input.dim() == 2 else (hy.squeeze(0), cy.squeeze(0))
 
 
+@_autocast(cpu="state", cuda="lower")
 def lstm_cell(input: Tensor, hx: Sequence[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One LSTM step, as torch's lstm_cell: gates = input W_ih^T + b_ih + h W_hh^T + b_hh in the order i, f, g, o;
@@ -127,6 +219,7 @@ def lstm_cell(input: Tensor, hx: Sequence[Tensor], w_ih: Tensor, w_hh: Tensor, b
     return _lstm(input, hx, w_ih, w_hh, b_ih, b_hh, None, "lstm_cell")
 
 
+@_autocast(cpu="state", cuda="lower")
 def peephole_lstm_cell(input: Tensor, hx: Sequence[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                        b_hh: Tensor | None, w_peephole: Tensor) -> tuple[Tensor, Tensor]:
     """One peephole LSTM step (Gers, Schraudolph & Schmidhuber 2002): lstm_cell with w_peephole (3, H) =
@@ -136,6 +229,7 @@ def peephole_lstm_cell(input: Tensor, hx: Sequence[Tensor], w_ih: Tensor, w_hh: 
     return _lstm(input, hx, w_ih, w_hh, b_ih, b_hh, w_peephole, "peephole_lstm_cell")
 
 
+@_autocast(cpu="state", cuda="lower")
 def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
              b_hh: Tensor | None = None) -> Tensor:
     """One GRU step, as torch's gru_cell: r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z likewise,
@@ -157,12 +251,14 @@ def _rnn(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity):
     return ops.rnn_cell.rnn_cell_apply(input, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
 
 
+@_autocast(cpu="lower", cuda="lower")
 def rnn_tanh_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
                   b_hh: Tensor | None = None) -> Tensor:
     """One Elman RNN step, as torch's rnn_tanh_cell: h' = tanh(input W_ih^T + b_ih + h W_hh^T + b_hh)."""
     return _rnn(input, hx, w_ih, w_hh, b_ih, b_hh, "tanh")
 
 
+@_autocast(cpu="lower", cuda="lower")
 def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
                   b_hh: Tensor | None = None) -> Tensor:
     """One Elman RNN step, as torch's rnn_relu_cell: h' = relu(input W_ih^T + b_ih + h W_hh^T + b_hh)."""
@@ -196,6 +292,7 @@ def _sdpa_mask(attn_mask: Tensor, query: Tensor, target: tuple[int, ...]) -> Ten
     return m.expand(*target[:-3], *m.shape[-3:]).reshape(math.prod(target[:-3]), *m.shape[-3:])
 
 
+@_autocast(cpu="lower", cuda="lower")
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -366,6 +463,7 @@ def _sequence(mode: str, input: Tensor, hx, params: Sequence[Tensor], has_biases
     return output, torch.stack(hs), torch.stack(cs) if lstm else None
 
 
+@_autocast(cpu="packed_state", cuda="lower")
 def lstm(input: Tensor, hx: Sequence[Tensor] | None, params: Sequence[Tensor], has_biases: bool = True,
          num_layers: int = 1, dropout: float = 0.0, train: bool = False, bidirectional: bool = False,
          batch_first: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -379,6 +477,7 @@ def lstm(input: Tensor, hx: Sequence[Tensor] | None, params: Sequence[Tensor], h
                      batch_sizes)
 
 
+@_autocast(cpu="state", cuda="lower")
 def gru(input: Tensor, hx: Tensor | None, params: Sequence[Tensor], has_biases: bool = True, num_layers: int = 1,
         dropout: float = 0.0, train: bool = False, bidirectional: bool = False, batch_first: bool = False,
         batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -390,6 +489,7 @@ def gru(input: Tensor, hx: Tensor | None, params: Sequence[Tensor], has_biases: 
     return output, h_n
 
 
+@_autocast(cpu="lower", cuda="lower")
 def rnn_tanh(input: Tensor, hx: Tensor | None, params: Sequence[Tensor], has_biases: bool = True,
              num_layers: int = 1, dropout: float = 0.0, train: bool = False, bidirectional: bool = False,
              batch_first: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -400,6 +500,7 @@ def rnn_tanh(input: Tensor, hx: Tensor | None, params: Sequence[Tensor], has_bia
     return output, h_n
 
 
+@_autocast(cpu="lower", cuda="lower")
 def rnn_relu(input: Tensor, hx: Tensor | None, params: Sequence[Tensor], has_biases: bool = True,
              num_layers: int = 1, dropout: float = 0.0, train: bool = False, bidirectional: bool = False,
              batch_first: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:

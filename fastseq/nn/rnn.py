@@ -1,5 +1,10 @@
 """fastseq.nn.LSTM, GRU, RNN: drop-in for torch's (constructor, parameter names, initialisation, state_dict), with
-forward on fastseq's sequence kernels (fastseq.functional.lstm / gru / rnn_tanh / rnn_relu)."""
+forward on fastseq's sequence kernels (fastseq.functional.lstm / gru / rnn_tanh / rnn_relu).
+
+They derive from torch.nn.RNNBase, not from torch.nn.LSTM / GRU / RNN: torch.compile refuses to trace instances of
+those three classes (unless torch._dynamo.config.allow_rnn is set), and these modules trace into one graph. What
+torch's three classes add to RNNBase (their constructors, LSTM's cell-state checks and permutation) is taken over
+here unchanged, so arguments, errors, parameters and state_dict are torch's."""
 from __future__ import annotations
 
 import torch
@@ -72,20 +77,51 @@ class _Recurrent:
         return output, hidden if lstm else hidden[0]
 
 
-class LSTM(_Recurrent, torch.nn.LSTM):
+class LSTM(_Recurrent, torch.nn.RNNBase):
     """torch.nn.LSTM (same arguments incl. proj_size, parameters weight_ih_l{k}[_reverse], weight_hh_..., bias_...,
     weight_hr_..., initialisation and state_dict) on fastseq's sequence kernels: per step
     gates = x W_ih^T + b_ih + h W_hh^T + b_hh (i, f, g, o), c' = f*c + i*g, h' = o*tanh(c') (times W_hr^T with
-    proj_size). forward(input, hx=None) -> output, (h_n, c_n)."""
+    proj_size). LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0, device=None, dtype=None); forward(input, hx=None) -> output, (h_n, c_n)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__("LSTM", *args, **kwargs)
+
+    # torch.nn.LSTM's own: the cell state c has hidden_size features (h has proj_size with projections).
+    get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
+    check_forward_args = torch.nn.LSTM.check_forward_args
+    permute_hidden = torch.nn.LSTM.permute_hidden
 
 
-class GRU(_Recurrent, torch.nn.GRU):
+def _no_proj_size(kwargs: dict) -> None:
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
+class GRU(_Recurrent, torch.nn.RNNBase):
     """torch.nn.GRU (same arguments, parameters, initialisation and state_dict) on fastseq's sequence kernels:
     r, z = sigmoid(..), n = tanh(W_in x + b_in + r*(W_hn h + b_hn)), h' = (1-z)*n + z*h.
-    forward(input, hx=None) -> output, h_n."""
+    GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False,
+    device=None, dtype=None); forward(input, hx=None) -> output, h_n."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        _no_proj_size(kwargs)
+        super().__init__("GRU", *args, **kwargs)
 
 
-class RNN(_Recurrent, torch.nn.RNN):
+class RNN(_Recurrent, torch.nn.RNNBase):
     """torch.nn.RNN (same arguments incl. nonlinearity, parameters, initialisation and state_dict) on fastseq's
-    sequence kernels: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh), or relu. forward(input, hx=None) -> output,
-    h_n."""
+    sequence kernels: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh), or relu. RNN(input_size, hidden_size,
+    num_layers=1, nonlinearity="tanh", bias=True, batch_first=False, dropout=0.0, bidirectional=False, device=None,
+    dtype=None); forward(input, hx=None) -> output, h_n."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        _no_proj_size(kwargs)
+        if len(args) > 3:  # nonlinearity is the fourth positional argument, before those RNNBase takes
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(f"RNN_{self.nonlinearity.upper()}", *args, **kwargs)
