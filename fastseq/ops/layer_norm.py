@@ -53,7 +53,7 @@ layer_norm = torch.library.custom_op("fastseq::layer_norm", _forward, mutates_ar
 @layer_norm.register_fake
 def _(x, normalized_shape, weight, bias, eps):
     m = math.prod(x.shape[: x.dim() - len(normalized_shape)])
-    return torch.empty_like(x), x.new_empty(m, dtype=_stat_dtype(x)), x.new_empty(m, dtype=_stat_dtype(x))
+    return x.new_empty(x.shape), x.new_empty(m, dtype=_stat_dtype(x)), x.new_empty(m, dtype=_stat_dtype(x))
 
 
 def _backward_impl(dy: Tensor, x: Tensor, normalized_shape: list[int], weight: Tensor | None, mean: Tensor,
@@ -83,7 +83,7 @@ layer_norm_backward = torch.library.custom_op("fastseq::layer_norm_backward", _b
 def _(dy, x, normalized_shape, weight, mean, rstd, need_dweight, need_dbias):
     dw = x.new_empty(normalized_shape) if need_dweight else x.new_empty(0)
     db = x.new_empty(normalized_shape) if need_dbias else x.new_empty(0)
-    return torch.empty_like(x), dw, db
+    return x.new_empty(x.shape), dw, db
 
 
 def _setup_context(ctx, inputs, output):

@@ -63,7 +63,7 @@ def _fake(like: Tensor, needed: bool, shape: tuple[int, ...] | None = None) -> T
     """The fake of a gradient: shaped like `like` (or `shape`) when needed, else empty."""
     if not needed:
         return _empty(like)
-    return torch.empty_like(like) if shape is None else like.new_empty(shape)
+    return like.new_empty(like.shape) if shape is None else like.new_empty(shape)
 
 
 def _grad(g: Tensor | None, like: Tensor) -> Tensor:
@@ -131,7 +131,7 @@ lstm_cell = torch.library.custom_op("fastseq::lstm_cell", _lstm_cell_impl, mutat
 
 @lstm_cell.register_fake
 def _(x, h, c, w_ih, w_hh, b_ih, b_hh, peephole):
-    return torch.empty_like(c), torch.empty_like(c), x.new_empty(x.shape[0], w_hh.shape[0])
+    return c.new_empty(c.shape), c.new_empty(c.shape), x.new_empty(x.shape[0], w_hh.shape[0])
 
 
 def _lstm_cell_backward_impl(dhy: Tensor, dcy: Tensor, x: Tensor, h: Tensor, c: Tensor, cy: Tensor,
@@ -154,9 +154,9 @@ lstm_cell_backward = torch.library.custom_op("fastseq::lstm_cell_backward", _lst
 @lstm_cell_backward.register_fake
 def _(dhy, dcy, x, h, c, cy, workspace, w_ih, w_hh, peephole, backend, need_input, need_hx, need_weights,
       need_bias):
-    return (_fake(x, need_input), _fake(h, need_hx), torch.empty_like(c), _fake(w_ih, need_weights),
+    return (_fake(x, need_input), _fake(h, need_hx), c.new_empty(c.shape), _fake(w_ih, need_weights),
             _fake(w_hh, need_weights), _fake(x, need_bias, (w_hh.shape[0],)),
-            _empty(x) if peephole is None else torch.empty_like(peephole))
+            _empty(x) if peephole is None else peephole.new_empty(peephole.shape))
 
 
 def _lstm_setup_context(ctx, inputs, output):
@@ -205,7 +205,7 @@ gru_cell = torch.library.custom_op("fastseq::gru_cell", _gru_cell_impl, mutates_
 
 @gru_cell.register_fake
 def _(x, h, w_ih, w_hh, b_ih, b_hh):
-    return torch.empty_like(h), x.new_empty(x.shape[0], 4 * h.shape[1])
+    return h.new_empty(h.shape), x.new_empty(x.shape[0], 4 * h.shape[1])
 
 
 def _gru_cell_backward_impl(dhy: Tensor, x: Tensor, h: Tensor, workspace: Tensor, w_ih: Tensor, w_hh: Tensor,
@@ -272,7 +272,7 @@ rnn_cell = torch.library.custom_op("fastseq::rnn_cell", _rnn_cell_impl, mutates_
 
 @rnn_cell.register_fake
 def _(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity):
-    return torch.empty_like(h)
+    return h.new_empty(h.shape)
 
 
 def _rnn_cell_backward_impl(dhy: Tensor, x: Tensor, h: Tensor, hy: Tensor, w_ih: Tensor, w_hh: Tensor,
