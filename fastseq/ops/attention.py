@@ -139,7 +139,7 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     seed, offset = _seed_offset(rng)
     mask_shape = None if attn_mask is None else attn_mask.shape
     attn_mask = _expand_mask(attn_mask, q, k)
-    dout = dout.contiguous()
+    dout = dout if dout.stride(-1) == 1 or dout.shape[-1] <= 1 else dout.contiguous()  # kernels need unit last stride
     if name == "cpu":
         dq, dk, dv, ds = backends.extension().sdpa_bwd(dout, q, k, v, out, lse, _cpu_mask(attn_mask, q), is_causal,
                                                        scale, dropout_p, seed, offset, need_dmask)
