@@ -1,5 +1,6 @@
-"""Recurrent layers: fastseq.nn.LSTM / GRU vs torch.nn.LSTM / GRU (oneDNN on the CPU, cuDNN on the GPU) over a whole
-sequence, forward (inference, no autograd graph) and forward+backward (gradients of the input and every parameter).
+"""Recurrent layers: fastseq.nn.LSTM / GRU (the cpu backend on the CPU; cuda and triton on the GPU) vs torch.nn.LSTM /
+GRU (oneDNN on the CPU, cuDNN on the GPU) over a whole sequence, forward (inference, no autograd graph) and
+forward+backward (gradients of the input and every parameter).
 Shapes: T=100, N=64, C=H=512 (PyTorch's fastrnns default) with 1 layer and with 2 bidirectional layers; small
 batches N in {1, 8, 16} with H in {128, 256, 512, 1024}, C = H, T = 100, 1 layer. FLOPs count the GEMMs:
 2*T*N*(C_l+H)*G*H per direction and layer (C_l = the layer's input size: C, then D*H), x3 with backward."""
@@ -17,6 +18,7 @@ T = 100
 SHAPES = [(8, 256, 1, False)] if QUICK else (
     [(64, 512, 1, False), (64, 512, 2, True)] + [(n, h, 1, False) for n in (1, 8, 16) for h in (128, 256, 512, 1024)])
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+BACKENDS = ["cuda", "triton"] if DEVICE == "cuda" else ["cpu"]
 GATES = {"lstm": 4, "gru": 3}
 
 
@@ -26,12 +28,11 @@ def _flops(n: int, c: int, h: int, layers: int, bidirectional: bool, gates: int,
     return per * (3 if grad else 1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-H{h}-L{L}{'-bi' if bi else ''}" for n, h, L, bi in SHAPES])
 @pytest.mark.parametrize("kind", list(GATES))
-def test_rnn_layer(benchmark, kind, shape, mode):
-    if DEVICE == "cuda":
-        pytest.skip("no CUDA or Triton sequence kernel yet: fastseq.nn.LSTM/GRU would run the reference backend")
+def test_rnn_layer(benchmark, kind, shape, mode, backend):
     n, h, layers, bidirectional = shape
     c = h
     benchmark.group = f"{kind} layer {mode}"
@@ -58,12 +59,12 @@ def test_rnn_layer(benchmark, kind, shape, mode):
         return go
 
     def ours_step():
-        with fastseq.backend("cpu"):
+        with fastseq.backend(backend):
             step(ours)()
 
     flops = _flops(n, c, h, layers, bidirectional, GATES[kind], grad)
     run(benchmark, ours_step, step(theirs), shape=f"T={T} N={n} C={c} H={h} L={layers}{' bi' if bidirectional else ''}",
-        dtype=str(DTYPE), backend="cpu", flops=flops, peak_MiB=peak_mib(ours_step),
+        dtype=str(DTYPE), backend=backend, flops=flops, peak_MiB=peak_mib(ours_step),
         torch_peak_MiB=peak_mib(step(theirs)))
     benchmark.extra_info["TFLOPs"] = round(flops / benchmark.extra_info["ms"] / 1e9, 3)
     benchmark.extra_info["torch_TFLOPs"] = round(flops / benchmark.extra_info["torch_ms"] / 1e9, 3)

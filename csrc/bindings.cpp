@@ -85,21 +85,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                   need_dmask);
   }, "dq, dk, dv, dscores = sdpa_bwd(dout, q, k, v, out, lse, attn_mask?, is_causal, scale, dropout_p, seed, offset, need_dmask)");
 
-  // Sequence layers: CPU only so far (a CUDA tensor gets a clear error; the Python layer picks another backend).
+  // Sequence layers: one direction of one layer, the time loop on the host (csrc/rnn_layer.h).
   m.def("rnn_layer_fwd", [](const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const OptTensor& c0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                             const OptTensor& b_hh, const OptTensor& w_hr, bool reverse, const OptTensor& batch_sizes) {
-    TORCH_CHECK(!x.is_cuda(), "rnn_layer_fwd: there is no CUDA C++ sequence kernel yet");
-    return fastseq::cpu::rnn_layer_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes);
+    return FASTSEQ_DISPATCH(x, rnn_layer_fwd, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes);
   }, "y, h_n, c_n, saved = rnn_layer_fwd(mode, x, h0, c0?, w_ih, w_hh, b_ih?, b_hh?, w_hr?, reverse, batch_sizes?)");
   m.def("rnn_layer_bwd", [](const std::string& mode, const at::Tensor& dy, const at::Tensor& dh_n,
                             const OptTensor& dc_n, const at::Tensor& x, const at::Tensor& h0, const OptTensor& c0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                             const OptTensor& b_hh, const OptTensor& w_hr, bool reverse,
                             const OptTensor& batch_sizes, const std::vector<at::Tensor>& saved) {
-    TORCH_CHECK(!x.is_cuda(), "rnn_layer_bwd: there is no CUDA C++ sequence kernel yet");
-    return fastseq::cpu::rnn_layer_bwd(mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                                       batch_sizes, saved);
+    return FASTSEQ_DISPATCH(x, rnn_layer_bwd, mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                            reverse, batch_sizes, saved);
   }, "dx, dh0, dc0, [dw_ih, dw_hh, db_ih, db_hh, dw_hr] = rnn_layer_bwd(mode, dy, dh_n, dc_n?, x, h0, c0?, w_ih, "
      "w_hh, b_ih?, b_hh?, w_hr?, reverse, batch_sizes?, saved)");
 }

@@ -5,12 +5,13 @@ and unsorted, unbatched input, T=1 and a long sequence, gradcheck, dropout, bflo
 input."""
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 
 import pytest
 import torch
-from conftest import assert_close, assert_within_torch_error, on_backend
+from conftest import BACKEND_PARAMS, assert_close, assert_within_torch_error, on_backend
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastseq
@@ -26,6 +27,15 @@ BACKENDS = (["cpu"] if backends.unavailable_reason("cpu") is None
             and hasattr(backends.extension(), "rnn_layer_fwd") else []) + ["reference"]
 FAST = BACKENDS[0]  # the backend the long and wide checks run on
 TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}  # (atol, rtol) against torch.nn
+# The GPU backends that run here, (backend, device) params: triton on CPU tensors in Triton's interpreter; cuda and
+# triton on a GPU (marked gpu). They run in float32 (neither has float64).
+GPU_BACKENDS = [p for p in BACKEND_PARAMS if p.values[0][0] in ("cuda", "triton")]
+
+
+def _backend_cases(cpu_backends: list[str]) -> list:
+    """(backend, device, dtype) params: `cpu_backends` in float64, the GPU backends in float32."""
+    return ([pytest.param(b, "cpu", torch.float64, id=b) for b in cpu_backends]
+            + [pytest.param(*p.values[0], torch.float32, marks=p.marks, id=p.id) for p in GPU_BACKENDS])
 
 
 def _modules(kind: str, input_size: int, hidden_size: int, dtype=torch.float64, **kw):
@@ -59,6 +69,13 @@ def _leaves(x, hx) -> list[torch.Tensor]:
     return [x] + ([] if hx is None else list(hx) if isinstance(hx, tuple) else [hx])
 
 
+def _to(obj, device):
+    """A tensor, PackedSequence or tuple of tensors (or None) on `device`."""
+    if obj is None or isinstance(obj, (torch.Tensor, PackedSequence)):
+        return obj if obj is None else obj.to(device)
+    return tuple(t.to(device) for t in obj)
+
+
 def _detach(x, hx):
     fresh = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
     if isinstance(x, PackedSequence):
@@ -70,11 +87,12 @@ def _detach(x, hx):
     return x, hx
 
 
-def _check_against_torch(theirs, ours, x, hx, tol, seed=0, backend=None, names=None):
-    """Runs both modules on copies of (x, hx); compares outputs, then the gradients of x, hx and every parameter for
-    random upstream gradients."""
+def _check_against_torch(theirs, ours, x, hx, tol, seed=0, backend=None, names=None, device="cpu"):
+    """Runs both modules on copies of (x, hx), ours on `device` (moved there), torch's on the CPU; compares outputs,
+    then the gradients of x, hx and every parameter for random upstream gradients."""
     xt, hxt = _detach(x, hx)
-    xo, hxo = _detach(x, hx)
+    xo, hxo = _detach(_to(x, device), _to(hx, device))
+    ours.to(device)
     want = _flat(theirs(xt, hxt))
     with on_backend(backend or FAST):
         got = _flat(ours(xo, hxo))
@@ -88,7 +106,7 @@ def _check_against_torch(theirs, ours, x, hx, tol, seed=0, backend=None, names=N
     inputs_o = [t.data if isinstance(t, PackedSequence) else t for t in _leaves(xo, hxo)]
     gw = torch.autograd.grad(want, inputs_t + list(theirs.parameters()), douts)
     with on_backend(backend or FAST):
-        gg = torch.autograd.grad(got, inputs_o + list(ours.parameters()), douts)
+        gg = torch.autograd.grad(got, inputs_o + list(ours.parameters()), [d.to(device) for d in douts])
     gnames = ["dinput", "dh0", "dc0"][: len(inputs_t)] + [f"d{n}" for n, _ in ours.named_parameters()]
     for g, w, name in zip(gg, gw, gnames):
         assert_close(g, w, atol, rtol, name)
@@ -109,14 +127,38 @@ def _sweep(count: int, seed: int) -> list[dict]:
 
 
 SWEEP = _sweep(24, 1234)
+# The part of the sweep that runs in Triton's interpreter (a step costs it ~20 ms): every kind, bidirectional,
+# 3 layers, no bias, projection, batch_first, T up to 9.
+INTERPRETER_SWEEP = [0, 1, 4, 6, 15, 17, 20]
 
 
-@pytest.mark.parametrize("cfg", SWEEP, ids=[f"{i}-{c['kind']}-L{c['num_layers']}{'-bi' if c['bidirectional'] else ''}"
-                                            f"{'-bf' if c['batch_first'] else ''}{'' if c['bias'] else '-nobias'}"
-                                            f"{'-p%d' % c['proj_size'] if c['proj_size'] else ''}"
-                                            for i, c in enumerate(SWEEP)])
+def _sweep_id(i: int, c: dict) -> str:
+    return (f"{i}-{c['kind']}-L{c['num_layers']}{'-bi' if c['bidirectional'] else ''}"
+            f"{'-bf' if c['batch_first'] else ''}{'' if c['bias'] else '-nobias'}"
+            f"{'-p%d' % c['proj_size'] if c['proj_size'] else ''}")
+
+
+@pytest.mark.parametrize("cfg", SWEEP, ids=[_sweep_id(i, c) for i, c in enumerate(SWEEP)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sweep_against_torch(cfg, dtype):
+    _sweep_case(cfg, dtype)
+
+
+def _gpu_sweep_params() -> list:
+    """(backend_device, cfg) params: the whole sweep on a GPU, INTERPRETER_SWEEP in Triton's interpreter."""
+    return [pytest.param(p.values[0], SWEEP[i], marks=p.marks, id=f"{p.id}-{_sweep_id(i, SWEEP[i])}")
+            for p in GPU_BACKENDS
+            for i in (range(len(SWEEP)) if p.values[0][1] == "cuda" else INTERPRETER_SWEEP)]
+
+
+@pytest.mark.parametrize("backend_device, cfg", _gpu_sweep_params())
+def test_sweep_against_torch_gpu_backends(backend_device, cfg):
+    """The seeded sweep on the cuda and triton backends in float32 (torch's modules on the CPU)."""
+    backend, device = backend_device
+    _sweep_case(cfg, torch.float32, backend, device)
+
+
+def _sweep_case(cfg: dict, dtype: torch.dtype, backend: str | None = None, device: str = "cpu") -> None:
     kind, L, bi = cfg["kind"], cfg["num_layers"], cfg["bidirectional"]
     kw = dict(num_layers=L, bidirectional=bi, batch_first=cfg["batch_first"], bias=cfg["bias"])
     if cfg["proj_size"]:
@@ -128,27 +170,29 @@ def test_sweep_against_torch(cfg, dtype):
     shape = (N, T) if cfg["batch_first"] else (T, N)
     x = torch.randn(*shape, cfg["input_size"], generator=gen, dtype=torch.float64).to(dtype)
     hx = _states(kind, L, 2 if bi else 1, N, cfg["hidden_size"], cfg["proj_size"], dtype, gen) if cfg["hx"] else None
-    _check_against_torch(theirs, ours, x, hx, TOL[dtype])
+    _check_against_torch(theirs, ours, x, hx, TOL[dtype], backend=backend, device=device)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reference_backend_and_bidirectional_projection(kind, backend):
-    """Each backend on a 2-layer bidirectional module (LSTM with projection) against torch in float64."""
+@pytest.mark.parametrize("backend, device, dtype", _backend_cases(BACKENDS))
+def test_reference_backend_and_bidirectional_projection(kind, backend, device, dtype):
+    """Each backend on a 2-layer bidirectional module (LSTM with projection) against torch in float64 (the GPU
+    backends in float32)."""
     kw = dict(num_layers=2, bidirectional=True, proj_size=3 if kind == "lstm" else 0)
-    theirs, ours = _modules(kind, 5, 6, **kw)
+    theirs, ours = _modules(kind, 5, 6, dtype, **kw)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
-    _check_against_torch(theirs, ours, x, _states(kind, 2, 2, 3, 6, kw["proj_size"], torch.float64, gen),
-                         TOL[torch.float64], backend=backend)
+    x = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64).to(dtype)
+    _check_against_torch(theirs, ours, x, _states(kind, 2, 2, 3, 6, kw["proj_size"], dtype, gen), TOL[dtype],
+                         backend=backend, device=device)
 
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("kind", KINDS + ["lstm_proj"])
-def test_op_against_reference(kind, reverse, packed):
-    """fastseq::rnn_layer on the fast backend against fastseq.reference.rnn_layer in float64: outputs and the
-    gradients of every input, packed (ragged batch) and not, both directions."""
+@pytest.mark.parametrize("backend, device, dtype", _backend_cases([FAST]))
+def test_op_against_reference(backend, device, dtype, kind, reverse, packed):
+    """fastseq::rnn_layer on each fast backend against fastseq.reference.rnn_layer in float64: outputs and the
+    gradients of every input, packed (ragged batch) and not, both directions (the GPU backends in float32)."""
     mode = "lstm" if kind == "lstm_proj" else kind
     gen = torch.Generator().manual_seed(3)
     rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -158,40 +202,42 @@ def test_op_against_reference(kind, reverse, packed):
     x = rn(int(batch_sizes.sum()), C) if packed else rn(T, N, C)
     args = [x, rn(N, hout), rn(N, H) if mode == "lstm" else None, rn(G * H, C) * 0.4, rn(G * H, hout) * 0.4,
             rn(G * H), rn(G * H), rn(P, H) * 0.4 if P else None]
-    leaves = [None if a is None else a.requires_grad_() for a in args]
-    with on_backend(FAST):
+    want_leaves = [None if a is None else a.requires_grad_() for a in args]
+    leaves = [None if a is None else a.detach().to(device, dtype).requires_grad_() for a in args]
+    atol, rtol = (1e-12, 1e-10) if dtype == torch.float64 else TOL[dtype]
+    with on_backend(backend):
         got = [t for t in op.apply(mode, *leaves, reverse, batch_sizes) if t is not None]
-    want = [t for t in reference.rnn_layer(mode, *leaves, reverse, batch_sizes) if t is not None]
+    want = [t for t in reference.rnn_layer(mode, *want_leaves, reverse, batch_sizes) if t is not None]
     for g, w, name in zip(got, want, ["y", "h_n", "c_n"]):
-        assert_close(g, w, 1e-12, 1e-10, name)
+        assert_close(g, w, atol, rtol, name)
     douts = [rn(*w.shape) for w in want]
-    present = [a for a in leaves if a is not None]
-    with on_backend(FAST):
-        gg = torch.autograd.grad(got, present, douts)
-    gw = torch.autograd.grad(want, present, douts)
+    with on_backend(backend):
+        gg = torch.autograd.grad(got, [a for a in leaves if a is not None], [d.to(device, dtype) for d in douts])
+    gw = torch.autograd.grad(want, [a for a in want_leaves if a is not None], douts)
     for i, (g, w) in enumerate(zip(gg, gw)):
-        assert_close(g, w, 1e-12, 1e-10, f"grad {i}")
+        assert_close(g, w, atol, rtol, f"grad {i}")
 
 
 @pytest.mark.parametrize("enforce_sorted", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_packed_sequence(kind, enforce_sorted):
+@pytest.mark.parametrize("backend, device, dtype", _backend_cases([FAST]))
+def test_packed_sequence(backend, device, dtype, kind, enforce_sorted):
     """PackedSequence in and out, lengths unsorted (enforce_sorted=False) with a length-1 sequence, or sorted;
     2 bidirectional layers, with hx given and without."""
     lengths = [5, 4, 3, 3, 1] if enforce_sorted else [3, 1, 5, 4, 2]
     kw = dict(num_layers=2, bidirectional=True, proj_size=2 if kind == "lstm" else 0)
-    theirs, ours = _modules(kind, 3, 4, **kw)
+    theirs, ours = _modules(kind, 3, 4, dtype, **kw)
     gen = torch.Generator().manual_seed(5)
-    padded = torch.randn(max(lengths), len(lengths), 3, generator=gen, dtype=torch.float64)
+    padded = torch.randn(max(lengths), len(lengths), 3, generator=gen, dtype=torch.float64).to(dtype)
     x = pack_padded_sequence(padded, lengths, enforce_sorted=enforce_sorted)
-    for hx in (None, _states(kind, 2, 2, len(lengths), 4, kw["proj_size"], torch.float64, gen)):
-        _check_against_torch(theirs, ours, x, hx, TOL[torch.float64])
-    with on_backend(FAST):
-        y, _ = ours(x)
+    for hx in (None, _states(kind, 2, 2, len(lengths), 4, kw["proj_size"], dtype, gen)):
+        _check_against_torch(theirs, ours, x, hx, TOL[dtype], backend=backend, device=device)
+    with on_backend(backend):
+        y, _ = ours(_to(x, device))
     assert isinstance(y, PackedSequence)
     assert torch.equal(y.batch_sizes, x.batch_sizes)
     for a, b in ((y.sorted_indices, x.sorted_indices), (y.unsorted_indices, x.unsorted_indices)):
-        assert (a is None and b is None) or torch.equal(a, b)
+        assert (a is None and b is None) or torch.equal(a.cpu(), b)
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -287,6 +333,35 @@ def test_bfloat16_within_torch_error():
     assert_within_torch_error(got, tb(x.bfloat16())[0], ref, "bf16 LSTM output", factor=2.0)
 
 
+def _half_params() -> list:
+    """(backend_device, dtype) params of the GPU backends: float16, and bfloat16 on a GPU (Triton's interpreter
+    mis-rounds bfloat16)."""
+    return [pytest.param(p.values[0], dtype, marks=p.marks, id=f"{p.id}-{str(dtype)[6:]}") for p in GPU_BACKENDS
+            for dtype in ((torch.float16, torch.bfloat16) if p.values[0][1] == "cuda" else (torch.float16,))]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("backend_device, dtype", _half_params())
+def test_half_within_torch_error_gpu_backends(backend_device, dtype, kind):
+    """Output and the gradient of the input in float16 / bfloat16: error against float64 no more than twice torch's
+    (its modules on the CPU, in the same dtype)."""
+    backend, device = backend_device
+    theirs, ours = _modules(kind, 32, 32, num_layers=2)
+    x = torch.randn(8, 4, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    dy = torch.randn(8, 4, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    results = []
+    for module, where in ((theirs, "cpu"), (copy.deepcopy(theirs).to(dtype), "cpu"), (ours.to(device, dtype), device)):
+        xi = x.to(where, module.weight_ih_l0.dtype).requires_grad_()
+        with on_backend(backend if module is ours else "reference"):
+            y = module(xi)[0]
+            (dx,) = torch.autograd.grad(y, xi, dy.to(y))
+        results.append((y, dx))
+    (ref_y, ref_dx), (torch_y, torch_dx), (y, dx) = results
+    assert y.dtype == dtype
+    assert_within_torch_error(y, torch_y, ref_y, f"{dtype} {kind} output", factor=2.0)
+    assert_within_torch_error(dx, torch_dx, ref_dx, f"{dtype} {kind} dinput", factor=2.0)
+
+
 def test_state_dict_both_ways_and_flatten():
     theirs = torch.nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
     ours = fnn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
@@ -303,8 +378,9 @@ def test_state_dict_both_ways_and_flatten():
 
 
 def test_falls_back_with_warning():
-    """Where the cpu backend cannot run (here float16 on the CPU; CUDA tensors likewise until a CUDA sequence kernel
-    exists) the op runs on the reference backend with a one-time warning, never silently."""
+    """Where no backend of the device can run the op (here float16 on the CPU: the cpu backend lacks it, and triton
+    is not among the CPU's backends unless requested) the op runs on the reference backend with a one-time warning,
+    never silently."""
     backends._warned.clear()
     theirs, ours = _modules("gru", 3, 4, dtype=torch.float16)
     with warnings.catch_warnings(record=True) as caught:
@@ -317,15 +393,27 @@ def test_falls_back_with_warning():
 @pytest.mark.skipif(FAST != "cpu", reason="fastseq._C has no rnn_layer_fwd")
 @pytest.mark.parametrize("kind", ["lstm_proj", "gru", "rnn_relu"])
 def test_opcheck(kind):
+    _opcheck(kind, FAST, "cpu", torch.float64)
+
+
+@pytest.mark.parametrize("backend_device", GPU_BACKENDS)
+def test_opcheck_gpu_backends(backend_device):
+    backend, device = backend_device
+    _opcheck("lstm_proj", backend, device, torch.float32)
+
+
+def _opcheck(kind: str, backend: str, device: str, dtype: torch.dtype) -> None:
+    """torch.library.opcheck of fastseq::rnn_layer on `backend`, padded and packed (reversed)."""
     mode = "lstm" if kind == "lstm_proj" else kind
     gen = torch.Generator().manual_seed(13)
-    rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()  # noqa: E731
     C, H, P = 3, 4, 2 if kind == "lstm_proj" else 0
     G, hout = GATES[mode], P or H
     params = [rn(G * H, C), rn(G * H, hout), rn(G * H), rn(G * H), rn(P, H) if P else None]
     for x, bs, reverse in ((rn(3, 2, C), None, False), (rn(4, C), torch.tensor([2, 1, 1]), True)):
         args = (mode, x, rn(2, hout), rn(2, H) if mode == "lstm" else None, *params, reverse, bs)
-        torch.library.opcheck(torch.ops.fastseq.rnn_layer, args)
+        with on_backend(backend):
+            torch.library.opcheck(torch.ops.fastseq.rnn_layer, args)
 
 
 @pytest.mark.skipif(FAST != "cpu", reason="fastseq._C has no rnn_layer_fwd")

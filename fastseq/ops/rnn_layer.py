@@ -1,5 +1,5 @@
 """fastseq::rnn_layer and fastseq::rnn_layer_backward: one direction of one recurrent layer (LSTM with optional
-projection, GRU, Elman RNN tanh/relu) over a whole sequence, the time loop in C++ (the contract of
+projection, GRU, Elman RNN tanh/relu) over a whole sequence, the time loop in the backend (the contract of
 csrc/rnn_layer.h). The layer loop (layers, directions, dropout between layers) is fastseq.functional's.
 
 Forward: one GEMM gives the input projection of every step, then each step is a GEMM of h with W_hh^T and the fused
@@ -12,10 +12,12 @@ and shape whatever the backend: h_seq (rows, Hout) h of every step; gates (rows,
 o * tanh(c) before the projection (LSTM with w_hr); rows = T*N, or sum(batch_sizes) packed. Where a tensor does not
 apply it is empty (0,). Absent c_n (not LSTM) is empty (0,) too.
 
-Backends: ``cpu`` (fastseq._C, float32 / float64 / bfloat16). There is no CUDA or Triton sequence kernel yet: on
-other devices and dtypes fastseq.backends.select falls back to ``reference`` with its one-time warning; the reference
-backend runs fastseq.reference.rnn_layer (saved outputs are zeros, unused) and its backward differentiates the
-reference with torch.autograd. Backward runs on the backend that ran forward.
+Backends: ``cpu`` (fastseq._C, time loop in C++: float32 / float64 / bfloat16), ``cuda`` (fastseq._C, a host loop
+in C++ of cuBLAS GEMMs and the CUDA cell kernels: float32 / float16 / bfloat16), ``triton`` (fastseq.kernels.rnn_layer,
+a host loop of torch GEMMs and the Triton cell kernels: float32 / float16 / bfloat16). Elsewhere fastseq.backends.select
+falls back to ``reference`` with its one-time warning; the reference backend runs fastseq.reference.rnn_layer (saved
+outputs are zeros, unused) and its backward differentiates the reference with torch.autograd. Backward runs on the
+backend that ran forward.
 """
 from __future__ import annotations
 
@@ -25,12 +27,26 @@ from torch import Tensor
 from .. import backends, reference
 from ._dispatch import call, eager_function
 
-DTYPES = {"cpu": frozenset({torch.float32, torch.float64, torch.bfloat16})}
+DTYPES = {
+    "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
+    "cuda": frozenset({torch.float32, torch.float16, torch.bfloat16}),
+    "triton": frozenset({torch.float32, torch.float16, torch.bfloat16}),
+}
 MODES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 
 def _select(x: Tensor) -> str:
     return backends.select("rnn_layer", x.device, x.dtype, DTYPES)
+
+
+def _kernels(backend: str):
+    """The module with rnn_layer_fwd / rnn_layer_bwd of `backend` (fastseq._C for cpu and cuda, else the Triton
+    launchers)."""
+    if backend in ("cpu", "cuda"):
+        return backends.extension()
+    from ..kernels import rnn_layer as tk
+
+    return tk
 
 
 def _shapes(mode: str, x: Tensor, h0: Tensor, w_hh: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None
@@ -55,9 +71,10 @@ def _forward(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, 
     """y, h_n, c_n, h_seq, gates, c_seq, h_raw for one layer direction: x (T, N, C) (or packed (sum(batch_sizes), C)
     with batch_sizes (T,) int64 on the CPU), h0 (N, Hout), c0 (N, H) (LSTM, else None), w_ih (G*H, C),
     w_hh (G*H, Hout), b_ih, b_hh (G*H,), w_hr (Hout, H) (LSTM projection; Hout = H without)."""
-    if _select(x) == "cpu":
-        y, h_n, c_n, saved = backends.extension().rnn_layer_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                                                reverse, batch_sizes)
+    backend = _select(x)
+    if backend != "reference":
+        y, h_n, c_n, saved = _kernels(backend).rnn_layer_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                                                             batch_sizes)
         it = iter(saved)
         h_seq = next(it)
         gates = next(it) if mode in ("lstm", "gru") else None
@@ -81,14 +98,14 @@ def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes):
 def _backward_impl(mode: str, dy: Tensor, dh_n: Tensor, dc_n: Tensor | None, x: Tensor, h0: Tensor,
                    c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                    w_hr: Tensor | None, reverse: bool, batch_sizes: Tensor | None, h_seq: Tensor, gates: Tensor,
-                   c_seq: Tensor, h_raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                          Tensor]:
-    """dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr of rnn_layer run on the cpu backend (empty (0,) where the
-    input is absent); dy, dh_n, dc_n: the gradients of y, h_n, c_n (dc_n None counts as zeros)."""
+                   c_seq: Tensor, h_raw: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                        Tensor, Tensor]:
+    """dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr of rnn_layer run on `backend` (cpu, cuda or triton; empty (0,)
+    where the input is absent); dy, dh_n, dc_n: the gradients of y, h_n, c_n (dc_n None counts as zeros)."""
     saved = [h_seq] + ([gates] if mode in ("lstm", "gru") else []) + ([c_seq] if mode == "lstm" else []) \
         + ([h_raw] if w_hr is not None else [])
-    dx, dh0, dc0, dws = backends.extension().rnn_layer_bwd(mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                           w_hr, reverse, batch_sizes, saved)
+    dx, dh0, dc0, dws = _kernels(backend).rnn_layer_bwd(mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                        w_hr, reverse, batch_sizes, saved)
     return (dx, dh0, _or_empty(dc0, x), *(_or_empty(t, x) for t in dws))
 
 
@@ -97,7 +114,7 @@ rnn_layer_backward = torch.library.custom_op("fastseq::rnn_layer_backward", _bac
 
 @rnn_layer_backward.register_fake
 def _(mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes, h_seq, gates, c_seq,
-      h_raw):
+      h_raw, backend):
     return tuple(x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
 
@@ -106,7 +123,7 @@ def _setup_context(ctx, inputs, output):
     mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes = inputs
     ctx.mode, ctx.reverse, ctx.backend = mode, reverse, _select(x)
     ctx.set_materialize_grads(False)
-    saved = output[3:] if ctx.backend == "cpu" else ()
+    saved = output[3:] if ctx.backend != "reference" else ()
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *saved)
 
 
@@ -136,8 +153,8 @@ def _backward_with(backward_op):
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
         dc_n = None if not lstm or dc_n is None else dc_n.contiguous()
         inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
-        if ctx.backend == "cpu":
-            grads = backward_op(ctx.mode, dy, dh_n, dc_n, *inputs, ctx.reverse, batch_sizes, *saved)
+        if ctx.backend != "reference":
+            grads = backward_op(ctx.mode, dy, dh_n, dc_n, *inputs, ctx.reverse, batch_sizes, *saved, ctx.backend)
         else:
             dc = torch.zeros_like(c0) if lstm and dc_n is None else dc_n
             grads = _reference_grads(ctx, inputs, batch_sizes, [dy, dh_n, dc])
