@@ -21,15 +21,19 @@ def _compiler_accepts(flag: str) -> bool:
 
 
 def _cpu_flags() -> list[str]:
-    """AVX2 code paths of at::vec when this CPU has them (the build runs on the machine that uses it)."""
+    """The widest code paths of at::vec this CPU has, AVX-512 or AVX2 (the build runs on the machine that uses it).
+    FASTSEQ_NO_AVX512=1 stops at AVX2, FASTSEQ_NO_AVX2=1 at the portable code."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
     except OSError:
         flags = set()
-    if {"avx2", "fma", "f16c"} <= flags and os.environ.get("FASTSEQ_NO_AVX2") != "1":
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return ["-DCPU_CAPABILITY=DEFAULT"]
+    if os.environ.get("FASTSEQ_NO_AVX2") == "1" or not {"avx2", "fma", "f16c"} <= flags:
+        return ["-DCPU_CAPABILITY=DEFAULT"]
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags and os.environ.get("FASTSEQ_NO_AVX512") != "1":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
+                "-DCPU_CAPABILITY_AVX512"]
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
 def _with_cuda() -> bool:

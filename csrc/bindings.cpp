@@ -36,7 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-#ifdef CPU_CAPABILITY_AVX2
+#if defined(CPU_CAPABILITY_AVX512)
+  m.attr("cpu_capability") = "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
   m.attr("cpu_capability") = "AVX2";
 #else
   m.attr("cpu_capability") = "DEFAULT";

@@ -168,13 +168,13 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_
 // (K, cols) is packed once per layer call into column panels of kPanel columns, K-major inside a panel (panel p,
 // row k at wp + (p * K + k) * kPanel, zero-padded past cols), so each panel streams contiguously; each step then runs
 // all of its rows against one panel at a time with the rows' accumulators in registers, panels in parallel.
-constexpr int64_t kPanel = 16;
+// A panel is two float vectors wide: 16 columns with AVX2, 32 with AVX-512.
+constexpr int64_t kPanel = 2 * Vectorized<float>::size();
 // Steps with at most this many active rows use the packed GEMM (measured at one thread, H = 512: faster than the
 // library GEMM up to 16 rows, on par or faster at 64 and 128).
 constexpr int64_t kSmallRows = 64;
 
 using VecF = Vectorized<float>;
-static_assert(kPanel % VecF::size() == 0, "kPanel must be a multiple of the float vector width");
 constexpr int64_t kVecs = kPanel / VecF::size();  // vectors per panel row
 
 // B (K, cols) with element (k, c) at b[k * sk + c * sc] -> packed panels (ceil(cols / kPanel) * K * kPanel floats).
@@ -195,9 +195,12 @@ at::Tensor pack_panels(const float* b, int64_t sk, int64_t sc, int64_t K, int64_
   return packed;
 }
 
-// out rows [0, R) of one panel: out[r, c] (+)= sum_k a[r * lda + k] * panel[k, c] for c < w. R <= 6 rows in registers
-// (2R accumulators with AVX2);
-// with few rows, U independent partial sums over k hide the FMA latency.
+// Rows a panel keeps in registers at once: 2 * kRows accumulators (12 of the 16 AVX2 registers, 24 of the 32 AVX-512
+// ones), next to the panel row and the broadcast row value.
+constexpr int kRows = VecF::size() == 16 ? 12 : 6;
+
+// out rows [0, R) of one panel: out[r, c] (+)= sum_k a[r * lda + k] * panel[k, c] for c < w. R <= kRows rows in
+// registers; with few rows, U independent partial sums over k hide the FMA latency.
 template <int R>
 void panel_rows(const float* a, int64_t lda, const float* panel, int64_t K, float* out, int64_t ldo, int64_t w,
                 bool accumulate) {
@@ -241,6 +244,17 @@ void panel_rows(const float* a, int64_t lda, const float* panel, int64_t K, floa
   }
 }
 
+// panel_rows<rows> for 1 <= rows <= R.
+template <int R>
+void panel_tail(int64_t rows, const float* a, int64_t lda, const float* panel, int64_t K, float* out, int64_t ldo,
+                int64_t w, bool accumulate) {
+  if (rows == R) {
+    panel_rows<R>(a, lda, panel, K, out, ldo, w, accumulate);
+  } else if constexpr (R > 1) {
+    panel_tail<R - 1>(rows, a, lda, panel, K, out, ldo, w, accumulate);
+  }
+}
+
 // out (M, cols) row stride ldo (+)= a (M, K) row stride lda @ B, B packed by pack_panels. Panels in parallel.
 void packed_gemm(const float* a, int64_t lda, int64_t M, const float* wp, int64_t K, int64_t cols, float* out,
                  int64_t ldo, bool accumulate) {
@@ -252,17 +266,10 @@ void packed_gemm(const float* a, int64_t lda, int64_t M, const float* wp, int64_
       const float* panel = wp + p * K * kPanel;
       const int64_t c0 = p * kPanel, w = std::min(kPanel, cols - c0);
       int64_t m = 0;
-      for (; m + 6 <= M; m += 6) panel_rows<6>(a + m * lda, lda, panel, K, out + m * ldo + c0, ldo, w, accumulate);
-      const float* am = a + m * lda;
-      float* om = out + m * ldo + c0;
-      switch (M - m) {
-        case 5: panel_rows<5>(am, lda, panel, K, om, ldo, w, accumulate); break;
-        case 4: panel_rows<4>(am, lda, panel, K, om, ldo, w, accumulate); break;
-        case 3: panel_rows<3>(am, lda, panel, K, om, ldo, w, accumulate); break;
-        case 2: panel_rows<2>(am, lda, panel, K, om, ldo, w, accumulate); break;
-        case 1: panel_rows<1>(am, lda, panel, K, om, ldo, w, accumulate); break;
-        default: break;
+      for (; m + kRows <= M; m += kRows) {
+        panel_rows<kRows>(a + m * lda, lda, panel, K, out + m * ldo + c0, ldo, w, accumulate);
       }
+      if (m < M) panel_tail<kRows - 1>(M - m, a + m * lda, lda, panel, K, out + m * ldo + c0, ldo, w, accumulate);
     }
   });
 }
