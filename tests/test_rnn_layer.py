@@ -218,6 +218,39 @@ def test_op_against_reference(backend, device, dtype, kind, reverse, packed):
         assert_close(g, w, atol, rtol, f"grad {i}")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("packed, reverse", [(False, False), (True, True)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_time_loop_in_one_parallel_region(kind, packed, reverse, threads):
+    """The CPU float32 time loop of a few rows, which runs in one parallel region with the hidden units split
+    between threads (H = 100: a part panel at the end; 3 threads on 2 cores: uneven split, waiting threads),
+    against fastseq.reference.rnn_layer in float64: outputs and the gradients of every input."""
+    gen = torch.Generator().manual_seed(11)
+    rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    T, N, C, H, G = 5, 7, 9, 100, GATES[kind]  # N * H * G*H >= 2 * 32768: two workers or more
+    batch_sizes = torch.tensor([7, 6, 6, 3, 1]) if packed else None
+    x = rn(int(batch_sizes.sum()), C) if packed else rn(T, N, C)
+    args = [x, rn(N, H), rn(N, H) if kind == "lstm" else None, rn(G * H, C) * 0.3, rn(G * H, H) * 0.1,
+            rn(G * H), rn(G * H), None]
+    want_leaves = [None if a is None else a.requires_grad_() for a in args]
+    leaves = [None if a is None else a.detach().float().requires_grad_() for a in args]
+    want = [t for t in reference.rnn_layer(kind, *want_leaves, reverse, batch_sizes) if t is not None]
+    douts = [rn(*w.shape) for w in want]
+    gw = torch.autograd.grad(want, [a for a in want_leaves if a is not None], douts)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with on_backend("cpu"):
+            got = [t for t in op.apply(kind, *leaves, reverse, batch_sizes) if t is not None]
+            gg = torch.autograd.grad(got, [a for a in leaves if a is not None], [d.float() for d in douts])
+    finally:
+        torch.set_num_threads(before)
+    for g, w, name in zip(got, want, ["y", "h_n", "c_n"]):
+        assert_close(g, w, 1e-5, 1e-4, name)
+    for i, (g, w) in enumerate(zip(gg, gw)):
+        assert_close(g, w, 1e-4, 1e-4, f"grad {i}")
+
+
 @pytest.mark.parametrize("enforce_sorted", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend, device, dtype", _backend_cases([FAST]))

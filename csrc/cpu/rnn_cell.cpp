@@ -86,9 +86,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd(const at::Tensor& i
       for (int64_t n = begin; n < end; ++n) {
         const int64_t g4 = n * 4 * H, g1 = n * H;
         over_h([&](auto vec, int64_t j) {
-          return peep ? lstm_fwd_span<scalar_t, decltype(vec)::value, true>(j, H, ig + g4, hg + g4, c + g1, b, pp,
+          return peep ? lstm_fwd_span<scalar_t, decltype(vec)::value, true>(j, H, H, ig + g4, hg + g4, c + g1, b, pp,
                                                                              h_out + g1, c_out + g1, w + g4)
-                      : lstm_fwd_span<scalar_t, decltype(vec)::value, false>(j, H, ig + g4, hg + g4, c + g1, b, pp,
+                      : lstm_fwd_span<scalar_t, decltype(vec)::value, false>(j, H, H, ig + g4, hg + g4, c + g1, b, pp,
                                                                               h_out + g1, c_out + g1, w + g4);
         });
       }
@@ -141,9 +141,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd(const at::Tensor& d
           const int64_t g4 = n * 4 * H, g1 = n * H;
           over_h([&](auto vec, int64_t j) {
             return peep ? lstm_bwd_span<scalar_t, decltype(vec)::value, true>(
-                              j, H, dh + g1, dc + g1, c + g1, c_new + g1, w + g4, pp, dg + g4, dc_out + g1, a_k)
+                              j, H, H, dh + g1, dc + g1, c + g1, c_new + g1, w + g4, pp, dg + g4, dc_out + g1, a_k)
                         : lstm_bwd_span<scalar_t, decltype(vec)::value, false>(
-                              j, H, dh + g1, dc + g1, c + g1, c_new + g1, w + g4, pp, dg + g4, dc_out + g1, a_k);
+                              j, H, H, dh + g1, dc + g1, c + g1, c_new + g1, w + g4, pp, dg + g4, dc_out + g1, a_k);
           });
         }
       }
@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_fwd(const at::Tensor& igates, const 
       for (int64_t n = begin; n < end; ++n) {
         const int64_t g3 = n * 3 * H, g1 = n * H;
         over_h([&](auto vec, int64_t j) {
-          return gru_fwd_span<scalar_t, decltype(vec)::value>(j, H, ig + g3, hg + g3, h + g1, b, h_out + g1,
+          return gru_fwd_span<scalar_t, decltype(vec)::value>(j, H, H, ig + g3, hg + g3, h + g1, b, h_out + g1,
                                                               w + n * 4 * H);
         });
       }
@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_bwd(const at::Tensor& dh
       for (int64_t n = begin; n < end; ++n) {
         const int64_t g3 = n * 3 * H, g1 = n * H;
         over_h([&](auto vec, int64_t j) {
-          return gru_bwd_span<scalar_t, decltype(vec)::value>(j, H, dh + g1, h + g1, w + n * 4 * H, di + g3,
+          return gru_bwd_span<scalar_t, decltype(vec)::value>(j, H, H, dh + g1, h + g1, w + n * 4 * H, di + g3,
                                                               dhh + g3, dh_out + g1);
         });
       }

@@ -33,6 +33,21 @@ inline float tanh_act(float x) { return std::tanh(x); }
 inline double tanh_act(double x) { return std::tanh(x); }
 template <typename T>
 inline Vectorized<T> tanh_act(const Vectorized<T>& x) { return x.tanh(); }
+// float lanes: Cephes' tanhf, x + x^3 P(x^2) for |x| < 0.625, else 1 - 2 / (exp(2|x|) + 1) with the sign of x
+// (~2 ulp; exp(2|x|) = inf gives 1). A few times cheaper than Sleef's 1-ulp tanh, which took more time than all the
+// other pointwise math of an LSTM step.
+template <>
+inline Vectorized<float> tanh_act(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  const V ax = x.abs(), z = x * x;
+  V p = at::vec::fmadd(V(-5.70498872745e-3f), z, V(2.06390887954e-2f));
+  p = at::vec::fmadd(p, z, V(-5.37397155531e-2f));
+  p = at::vec::fmadd(p, z, V(1.33314422036e-1f));
+  p = at::vec::fmadd(p, z, V(-3.33332819422e-1f));
+  const V small = at::vec::fmadd(p * z, x, x);
+  const V big = (V(1.f) - V(2.f) / ((ax + ax).exp() + V(1.f))) ^ (x & V(-0.f));  // sign of x
+  return V::blendv(big, small, ax < V(0.625f));
+}
 inline float relu_act(float x) { return std::max(x, 0.f); }
 inline double relu_act(double x) { return std::max(x, 0.0); }
 template <typename T>
@@ -84,23 +99,24 @@ struct Lanes<scalar_t, false> {
   static void store(T* p, const V& v) { *p = static_cast<T>(v); }
 };
 
-// Runs a row: span(std::true_type, 0) covers the vectorizable prefix of [0, H) and returns where it stopped,
-// span(std::false_type, j) the scalar tail from there.
+// Runs a row from column j0: span(std::true_type, j0) covers the vectorizable prefix of the span's range and returns
+// where it stopped, span(std::false_type, j) the scalar tail from there.
 template <typename Span>
-inline void over_h(const Span& span) {
-  span(std::false_type{}, span(std::true_type{}, int64_t(0)));
+inline void over_h(const Span& span, int64_t j0 = 0) {
+  span(std::false_type{}, span(std::true_type{}, j0));
 }
 
 // ---- LSTM ----
 // One row. ig, hg: (4H) pre-activations; bias: (4H) opmath, b_ih + b_hh; peep: (3H) opmath [p_i, p_f, p_o];
-// cx, hy, cy: (H); ws: (4H) activated [i, f, g, o]. Processes [j, H) in steps of kWidth while they fit; returns j.
+// cx, hy, cy: (H); ws: (4H) activated [i, f, g, o]. Processes columns [j, end) (end <= H, the gate stride) in steps
+// of kWidth while they fit; returns j. The other row kernels likewise.
 template <typename scalar_t, bool kVec, bool kPeep>
-inline int64_t lstm_fwd_span(int64_t j, int64_t H, const scalar_t* ig, const scalar_t* hg, const scalar_t* cx,
-                             const at::opmath_type<scalar_t>* bias, const at::opmath_type<scalar_t>* peep,
-                             scalar_t* hy, scalar_t* cy, scalar_t* ws) {
+inline int64_t lstm_fwd_span(int64_t j, int64_t end, int64_t H, const scalar_t* ig, const scalar_t* hg,
+                             const scalar_t* cx, const at::opmath_type<scalar_t>* bias,
+                             const at::opmath_type<scalar_t>* peep, scalar_t* hy, scalar_t* cy, scalar_t* ws) {
   using L = Lanes<scalar_t, kVec>;
   using V = typename L::V;
-  for (; j + L::kWidth <= H; j += L::kWidth) {
+  for (; j + L::kWidth <= end; j += L::kWidth) {
     const V c = L::load(cx + j);
     V pi = L::load(ig + j) + L::load(hg + j) + L::load(bias + j);
     V pf = L::load(ig + H + j) + L::load(hg + H + j) + L::load(bias + H + j);
@@ -129,13 +145,14 @@ inline int64_t lstm_fwd_span(int64_t j, int64_t H, const scalar_t* ig, const sca
 // One row. dhy, dcy, cx, cy, dcx: (H); ws: (4H) [i, f, g, o]; dg: (4H) d(pre-activations);
 // peep: (3H) opmath; acc: (3H) opmath running sums of the peephole gradient terms for this row's chunk.
 template <typename scalar_t, bool kVec, bool kPeep>
-inline int64_t lstm_bwd_span(int64_t j, int64_t H, const scalar_t* dhy, const scalar_t* dcy, const scalar_t* cx,
-                             const scalar_t* cy, const scalar_t* ws, const at::opmath_type<scalar_t>* peep,
-                             scalar_t* dg, scalar_t* dcx, at::opmath_type<scalar_t>* acc) {
+inline int64_t lstm_bwd_span(int64_t j, int64_t end, int64_t H, const scalar_t* dhy, const scalar_t* dcy,
+                             const scalar_t* cx, const scalar_t* cy, const scalar_t* ws,
+                             const at::opmath_type<scalar_t>* peep, scalar_t* dg, scalar_t* dcx,
+                             at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t, kVec>;
   using V = typename L::V;
   const V one(1);
-  for (; j + L::kWidth <= H; j += L::kWidth) {
+  for (; j + L::kWidth <= end; j += L::kWidth) {
     const V dh = L::load(dhy + j);
     const V c = L::load(cx + j);
     const V c_new = L::load(cy + j);
@@ -170,11 +187,11 @@ inline int64_t lstm_bwd_span(int64_t j, int64_t H, const scalar_t* dhy, const sc
 // One row. ig, hg: (3H); bias: (4H) opmath [b_ir + b_hr, b_iz + b_hz, b_in, b_hn]; hx, hy: (H);
 // ws: (4H) [r, z, n, hn].
 template <typename scalar_t, bool kVec>
-inline int64_t gru_fwd_span(int64_t j, int64_t H, const scalar_t* ig, const scalar_t* hg, const scalar_t* hx,
-                            const at::opmath_type<scalar_t>* bias, scalar_t* hy, scalar_t* ws) {
+inline int64_t gru_fwd_span(int64_t j, int64_t end, int64_t H, const scalar_t* ig, const scalar_t* hg,
+                            const scalar_t* hx, const at::opmath_type<scalar_t>* bias, scalar_t* hy, scalar_t* ws) {
   using L = Lanes<scalar_t, kVec>;
   using V = typename L::V;
-  for (; j + L::kWidth <= H; j += L::kWidth) {
+  for (; j + L::kWidth <= end; j += L::kWidth) {
     const V r = sigmoid(L::load(ig + j) + L::load(hg + j) + L::load(bias + j));
     const V z = sigmoid(L::load(ig + H + j) + L::load(hg + H + j) + L::load(bias + H + j));
     const V hn = L::load(hg + 2 * H + j) + L::load(bias + 3 * H + j);
@@ -191,12 +208,12 @@ inline int64_t gru_fwd_span(int64_t j, int64_t H, const scalar_t* ig, const scal
 
 // One row. dhy, hx, dhx: (H); ws: (4H) [r, z, n, hn]; dig, dhg: (3H).
 template <typename scalar_t, bool kVec>
-inline int64_t gru_bwd_span(int64_t j, int64_t H, const scalar_t* dhy, const scalar_t* hx, const scalar_t* ws,
-                            scalar_t* dig, scalar_t* dhg, scalar_t* dhx) {
+inline int64_t gru_bwd_span(int64_t j, int64_t end, int64_t H, const scalar_t* dhy, const scalar_t* hx,
+                            const scalar_t* ws, scalar_t* dig, scalar_t* dhg, scalar_t* dhx) {
   using L = Lanes<scalar_t, kVec>;
   using V = typename L::V;
   const V one(1);
-  for (; j + L::kWidth <= H; j += L::kWidth) {
+  for (; j + L::kWidth <= end; j += L::kWidth) {
     const V dh = L::load(dhy + j);
     const V r = L::load(ws + j);
     const V z = L::load(ws + H + j);
