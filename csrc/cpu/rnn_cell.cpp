@@ -28,20 +28,6 @@ void check_leader(const char* fn, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 2, fn, ": expected ", name, " to be 2-D (N, H), got shape ", t.sizes());
 }
 
-void check_tensor(const char* fn, const char* name, const at::Tensor& t, at::IntArrayRef shape,
-                  at::ScalarType dtype) {
-  TORCH_CHECK(t.defined(), fn, ": expected ", name, " to be a tensor, got an undefined tensor");
-  TORCH_CHECK(t.device().is_cpu(), fn, ": expected ", name, " on the CPU, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, fn, ": expected ", name, " of dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, fn, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), fn, ": expected ", name, " to be contiguous, got strides ", t.strides());
-}
-
-void check_optional(const char* fn, const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape,
-                    at::ScalarType dtype) {
-  if (t.has_value() && t->defined()) check_tensor(fn, name, *t, shape, dtype);
-}
-
 bool is_relu(const char* fn, const std::string& nonlinearity) {
   TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", fn,
               ": expected nonlinearity 'tanh' or 'relu', got '", nonlinearity, "'");

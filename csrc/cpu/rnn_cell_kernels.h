@@ -270,6 +270,23 @@ inline int64_t rnn_bwd_span(int64_t j, int64_t H, const scalar_t* dhy, const sca
 // ---- helpers ----
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// Validation shared by the cell and layer ops: t is a CPU tensor of `dtype` and `shape` (and contiguous where the
+// kernel reads it raw without making it so).
+inline void check_tensor(const char* fn, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                         at::ScalarType dtype, bool contiguous = true) {
+  TORCH_CHECK(t.defined(), fn, ": expected ", name, " to be a tensor, got an undefined tensor");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": expected ", name, " on the CPU, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, fn, ": expected ", name, " of dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, fn, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(!contiguous || t.is_contiguous(), fn, ": expected ", name, " to be contiguous, got strides ",
+              t.strides());
+}
+
+inline void check_optional(const char* fn, const char* name, const std::optional<at::Tensor>& t,
+                           at::IntArrayRef shape, at::ScalarType dtype, bool contiguous = true) {
+  if (present(t)) check_tensor(fn, name, *t, shape, dtype, contiguous);
+}
+
 // b_ih + b_hh in the op-math dtype, (G*H,); zeros where a bias is none.
 inline at::Tensor summed_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                               int64_t size, at::ScalarType dtype) {

@@ -40,19 +40,6 @@ Mode parse_mode(const char* fn, const std::string& mode) {
 
 int64_t gate_count(Mode mode) { return mode == Mode::kLstm ? 4 : mode == Mode::kGru ? 3 : 1; }
 
-void check_tensor(const char* fn, const char* name, const at::Tensor& t, at::IntArrayRef shape,
-                  at::ScalarType dtype) {
-  TORCH_CHECK(t.defined(), fn, ": expected ", name, " to be a tensor, got an undefined tensor");
-  TORCH_CHECK(t.device().is_cpu(), fn, ": expected ", name, " on the CPU, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, fn, ": expected ", name, " of dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, fn, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
-}
-
-void check_optional(const char* fn, const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape,
-                    at::ScalarType dtype) {
-  if (present(t)) check_tensor(fn, name, *t, shape, dtype);
-}
-
 at::Tensor contiguous_or_none(const std::optional<at::Tensor>& t) {
   return present(t) ? t->contiguous() : at::Tensor();
 }
@@ -80,21 +67,21 @@ struct Layer {
                 G, "*H, C), got ", w_ih_.defined() ? w_ih_.sizes() : at::IntArrayRef{});
     H = w_ih_.size(0) / G;
     C = w_ih_.size(1);
-    check_tensor(fn, "w_ih", w_ih_, {G * H, C}, dtype);
+    check_tensor(fn, "w_ih", w_ih_, {G * H, C}, dtype, false);
     TORCH_CHECK(x.size(-1) == C, fn, ": expected x with ", C, " features (w_ih's input size), got shape ", x.sizes());
     TORCH_CHECK(!proj || mode == Mode::kLstm, fn, ": w_hr (projection) is only supported for mode 'lstm'");
     Hout = proj ? w_hr_->size(0) : H;
-    if (proj) check_tensor(fn, "w_hr", *w_hr_, {Hout, H}, dtype);
-    check_tensor(fn, "w_hh", w_hh_, {G * H, Hout}, dtype);
-    check_optional(fn, "b_ih", b_ih_, {G * H}, dtype);
-    check_optional(fn, "b_hh", b_hh_, {G * H}, dtype);
+    if (proj) check_tensor(fn, "w_hr", *w_hr_, {Hout, H}, dtype, false);
+    check_tensor(fn, "w_hh", w_hh_, {G * H, Hout}, dtype, false);
+    check_optional(fn, "b_ih", b_ih_, {G * H}, dtype, false);
+    check_optional(fn, "b_hh", b_hh_, {G * H}, dtype, false);
     TORCH_CHECK(h0_.defined() && h0_.dim() == 2, fn, ": expected h0 of shape (N, ", Hout, "), got ",
                 h0_.defined() ? h0_.sizes() : at::IntArrayRef{});
     N = packed ? h0_.size(0) : x.size(1);  // packed: batch_sizes[0] is checked against it
-    check_tensor(fn, "h0", h0_, {N, Hout}, dtype);
+    check_tensor(fn, "h0", h0_, {N, Hout}, dtype, false);
     if (mode == Mode::kLstm) {
       TORCH_CHECK(present(c0_), fn, ": expected c0 for mode 'lstm', got none");
-      check_tensor(fn, "c0", *c0_, {N, H}, dtype);
+      check_tensor(fn, "c0", *c0_, {N, H}, dtype, false);
       c0 = c0_->contiguous();
     } else {
       TORCH_CHECK(!present(c0_), fn, ": expected no c0 for mode '", mode_name, "'");
@@ -534,13 +521,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
   const auto opts = L.x2d.options();
 
   if (S.packed) {
-    check_tensor(fn, "dy", dy, {S.total, Hout}, L.dtype);
+    check_tensor(fn, "dy", dy, {S.total, Hout}, L.dtype, false);
   } else {
-    check_tensor(fn, "dy", dy, {S.T, N, Hout}, L.dtype);
+    check_tensor(fn, "dy", dy, {S.T, N, Hout}, L.dtype, false);
   }
-  check_tensor(fn, "dh_n", dh_n, {N, Hout}, L.dtype);
+  check_tensor(fn, "dh_n", dh_n, {N, Hout}, L.dtype, false);
   if (lstm) {
-    check_optional(fn, "dc_n", dc_n, {N, H}, L.dtype);
+    check_optional(fn, "dc_n", dc_n, {N, H}, L.dtype, false);
   } else {
     TORCH_CHECK(!present(dc_n), fn, ": expected no dc_n for mode '", mode, "'");
   }
@@ -555,7 +542,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
   if (lstm) check_tensor(fn, "saved[2] (c)", c_all, {S.total, H}, L.dtype);
   const at::Tensor h_raw = L.proj ? saved[3] : at::Tensor();
   if (L.proj) check_tensor(fn, "saved[3] (o*tanh(c))", h_raw, {S.total, H}, L.dtype);
-  for (const auto& t : saved) TORCH_CHECK(t.is_contiguous(), fn, ": expected the saved tensors to be contiguous");
 
   const at::Tensor dy2d = dy.contiguous().view({S.total, Hout});
   // dh_state / dc_state rows [0, n) hold the gradient flowing into h / c of the current step from later steps (and
