@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/memory.h"
@@ -282,98 +283,159 @@ void run_workers(int64_t workers, int64_t panels, const F& body) {
   });
 }
 
+// ---- the cell update of one row of a step ----
+// The forward cell update of row r of step k over hidden units [j0, j1), reading its inputs from and writing its
+// outputs into the sequence buffers (rows = S.total): gates (rows, gw) x W_ih^T in its first G*H columns, the
+// activated gates out; hg (N, G*H) h W_hh^T of the step; h0 (N, H), c0 (N, H) (LSTM, else null); bias as
+// Layer::row_bias; y (rows, H) h of every step (the GRU's previous h); h_raw (rows, H) where the LSTM writes
+// o * tanh(c) (y without projection); c_all (rows, H) c of every step (LSTM, else null).
+template <typename scalar_t>
+struct ForwardRow {
+  Mode mode;
+  int64_t H, gw;
+  scalar_t* gates;
+  scalar_t* hg;  // written by the step's recurrent GEMM, read here
+  const scalar_t* h0;
+  const scalar_t* c0;
+  const at::opmath_type<scalar_t>* bias;
+  scalar_t* y;
+  scalar_t* h_raw;
+  scalar_t* c_all;
+
+  void operator()(const Schedule& S, int64_t k, int64_t r, int64_t j0, int64_t j1) const {
+    const int64_t row = S.off[k] + r, prev_row = k > 0 ? S.off[k - 1] + r : 0;
+    const bool continues = r < S.prev[k];
+    scalar_t* g = gates + row * gw;
+    const scalar_t* hg_row = hg + r * gate_count(mode) * H;
+    switch (mode) {
+      case Mode::kLstm: {
+        const scalar_t* cx = continues ? c_all + prev_row * H : c0 + r * H;
+        over_h([&](auto vec, int64_t j) {
+          return lstm_fwd_span<scalar_t, decltype(vec)::value, false>(j, j1, H, g, hg_row, cx, bias, nullptr,
+                                                                      h_raw + row * H, c_all + row * H, g);
+        }, j0);
+        break;
+      }
+      case Mode::kGru: {
+        const scalar_t* hx = continues ? y + prev_row * H : h0 + r * H;
+        over_h([&](auto vec, int64_t j) {
+          return gru_fwd_span<scalar_t, decltype(vec)::value>(j, j1, H, g, hg_row, hx, bias, y + row * H, g);
+        }, j0);
+        break;
+      }
+      case Mode::kRnnTanh:
+        over_h([&](auto vec, int64_t j) {
+          return rnn_fwd_span<scalar_t, decltype(vec)::value, false>(j, j1, g, hg_row, bias, y + row * H);
+        }, j0);
+        break;
+      case Mode::kRnnRelu:
+        over_h([&](auto vec, int64_t j) {
+          return rnn_fwd_span<scalar_t, decltype(vec)::value, true>(j, j1, g, hg_row, bias, y + row * H);
+        }, j0);
+        break;
+    }
+  }
+};
+
+// The backward cell update of row r of step k over hidden units [j0, j1): dh (N, H) d h_t of the step's rows in
+// (the GRU writes the direct term d h_{t-1} = d h_t * z back); dhy (N, H) the LSTM's d(o * tanh(c)) (dh without
+// projection); dc (N, H) d c_t in, d c_{t-1} out (LSTM, else null); h_seq (rows, H) h of every step; ws (rows, 4H)
+// the saved gates (LSTM, GRU); c_all (rows, H) (LSTM); h0, c0 (N, H); dgi, dgh (rows, G*H) the gate gradients out
+// (dgh: the GRU's recurrent side, else the same as dgi).
+template <typename scalar_t>
+struct BackwardRow {
+  Mode mode;
+  int64_t H;
+  scalar_t* dh;
+  const scalar_t* dhy;
+  scalar_t* dc;
+  const scalar_t* h_seq;
+  const scalar_t* ws;
+  const scalar_t* c_all;
+  const scalar_t* h0;
+  const scalar_t* c0;
+  scalar_t* dgi;
+  scalar_t* dgh;
+
+  void operator()(const Schedule& S, int64_t k, int64_t r, int64_t j0, int64_t j1) const {
+    const int64_t row = S.off[k] + r, prev_row = k > 0 ? S.off[k - 1] + r : 0, GH = gate_count(mode) * H;
+    const bool continues = r < S.prev[k];
+    switch (mode) {
+      case Mode::kLstm: {
+        const scalar_t* cx = continues ? c_all + prev_row * H : c0 + r * H;
+        // the kernel reads each element of dc before writing it
+        over_h([&](auto vec, int64_t j) {
+          return lstm_bwd_span<scalar_t, decltype(vec)::value, false>(j, j1, H, dhy + r * H, dc + r * H, cx,
+                                                                      c_all + row * H, ws + row * 4 * H, nullptr,
+                                                                      dgi + row * GH, dc + r * H, nullptr);
+        }, j0);
+        break;
+      }
+      case Mode::kGru: {
+        const scalar_t* hx = continues ? h_seq + prev_row * H : h0 + r * H;
+        over_h([&](auto vec, int64_t j) {
+          return gru_bwd_span<scalar_t, decltype(vec)::value>(j, j1, H, dh + r * H, hx, ws + row * 4 * H,
+                                                              dgi + row * GH, dgh + row * GH, dh + r * H);
+        }, j0);
+        break;
+      }
+      case Mode::kRnnTanh:
+        over_h([&](auto vec, int64_t j) {
+          return rnn_bwd_span<scalar_t, decltype(vec)::value, false>(j, j1, dh + r * H, h_seq + row * H,
+                                                                     dgi + row * H);
+        }, j0);
+        break;
+      case Mode::kRnnRelu:
+        over_h([&](auto vec, int64_t j) {
+          return rnn_bwd_span<scalar_t, decltype(vec)::value, true>(j, j1, dh + r * H, h_seq + row * H,
+                                                                    dgi + row * H);
+        }, j0);
+        break;
+    }
+  }
+};
+
 // The forward time loop of a float32 layer without projection in one parallel region. W: W_hh^T packed (K = H,
-// G groups of H columns); h0 (N, H); c0 (N, H) (LSTM, else null); bias as Layer::row_bias; gates (rows, gw): x W_ih^T
-// in its first G*H columns, the activated gates out; hg (N, G*H) scratch; y (rows, H) h of every step; c_all
-// (rows, H) c of every step (LSTM, else null).
-void forward_sliced(Mode mode, const Schedule& S, int64_t H, const Panels& W, const float* h0, const float* c0,
-                    const float* bias, float* gates, int64_t gw, float* hg, float* y, float* c_all) {
-  const int64_t G = gate_count(mode), GH = G * H;
-  const bool relu = mode == Mode::kRnnRelu;
+// G groups of H columns); cell: the row update and its buffers (h_raw = y).
+void forward_sliced(const Schedule& S, const Panels& W, const ForwardRow<float>& cell) {
+  const int64_t H = cell.H, G = gate_count(cell.mode), GH = G * H;
+  float* hg = cell.hg;
   const int64_t workers = worker_count(S.N, GH, H, W.per_group);
   run_workers(workers, W.per_group, [&](int64_t p0, int64_t p1, int64_t weight, Barrier& barrier) {
     const int64_t j0 = p0 * kPanel, j1 = std::min(p1 * kPanel, H);
     for (int64_t k = 0; k < S.T; ++k) {
-      const int64_t n = S.rows[k], np = S.prev[k], off = S.off[k], off_prev = k > 0 ? S.off[k - 1] : 0;
+      const int64_t n = S.rows[k], np = S.prev[k], off_prev = k > 0 ? S.off[k - 1] : 0;
       // this worker's columns of h W_hh^T for every gate
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t i = g * W.per_group + p;
-          if (np > 0) panel_gemm(W, i, y + off_prev * H, H, np, hg, GH, false);
-          if (n > np) panel_gemm(W, i, h0 + np * H, H, n - np, hg + np * GH, GH, false);
+          if (np > 0) panel_gemm(W, i, cell.y + off_prev * H, H, np, hg, GH, false);
+          if (n > np) panel_gemm(W, i, cell.h0 + np * H, H, n - np, hg + np * GH, GH, false);
         }
       }
-      for (int64_t r = 0; r < n; ++r) {
-        const int64_t row = off + r;
-        float* g_row = gates + row * gw;
-        const float* hg_row = hg + r * GH;
-        if (mode == Mode::kLstm) {
-          const float* cx = r < np ? c_all + (off_prev + r) * H : c0 + r * H;
-          over_h([&](auto vec, int64_t j) {
-            return lstm_fwd_span<float, decltype(vec)::value, false>(j, j1, H, g_row, hg_row, cx, bias, nullptr,
-                                                                     y + row * H, c_all + row * H, g_row);
-          }, j0);
-        } else if (mode == Mode::kGru) {
-          const float* hx = r < np ? y + (off_prev + r) * H : h0 + r * H;
-          over_h([&](auto vec, int64_t j) {
-            return gru_fwd_span<float, decltype(vec)::value>(j, j1, H, g_row, hg_row, hx, bias, y + row * H, g_row);
-          }, j0);
-        } else {
-          over_h([&](auto vec, int64_t j) {
-            return relu ? rnn_fwd_span<float, decltype(vec)::value, true>(j, j1, g_row, hg_row, bias, y + row * H)
-                        : rnn_fwd_span<float, decltype(vec)::value, false>(j, j1, g_row, hg_row, bias, y + row * H);
-          }, j0);
-        }
-      }
+      for (int64_t r = 0; r < n; ++r) cell(S, k, r, j0, j1);
       barrier.wait(weight);  // the next step reads all of h
     }
   });
 }
 
 // The backward time loop of a float32 layer without projection in one parallel region. W: W_hh packed (K = G*H,
-// H columns); dy (rows, H); dh, dc (N, H): the gradients flowing into h, c from later steps, in and out (dc: LSTM,
-// else null); h_seq (rows, H); ws (rows, 4H) the saved gates; c_all (rows, H) (LSTM, else null); h0, c0 (N, H);
-// dgi, dgh (rows, G*H) the gate gradients out (dgh: GRU's recurrent side, else the same as dgi).
-void backward_sliced(Mode mode, const Schedule& S, int64_t H, const Panels& W, const float* dy, float* dh, float* dc,
-                     const float* h_seq, const float* ws, const float* c_all, const float* h0, const float* c0,
-                     float* dgi, float* dgh) {
-  const int64_t G = gate_count(mode), GH = G * H;
-  const bool relu = mode == Mode::kRnnRelu, gru = mode == Mode::kGru;
+// H columns); dy (rows, H); cell: the row update and its buffers (dhy = dh).
+void backward_sliced(const Schedule& S, const Panels& W, const float* dy, const BackwardRow<float>& cell) {
+  const int64_t H = cell.H, GH = gate_count(cell.mode) * H;
+  const bool gru = cell.mode == Mode::kGru;
   const int64_t workers = worker_count(S.N, H, GH, W.per_group);
   run_workers(workers, W.per_group, [&](int64_t p0, int64_t p1, int64_t weight, Barrier& barrier) {
     const int64_t j0 = p0 * kPanel, j1 = std::min(p1 * kPanel, H);
     for (int64_t k = S.T - 1; k >= 0; --k) {
-      const int64_t n = S.rows[k], np = S.prev[k], off = S.off[k], off_prev = k > 0 ? S.off[k - 1] : 0;
+      const int64_t n = S.rows[k], off = S.off[k];
       for (int64_t r = 0; r < n; ++r) {
-        const int64_t row = off + r;
-        float* dh_row = dh + r * H;
-        for (int64_t j = j0; j < j1; ++j) dh_row[j] += dy[row * H + j];
-        if (mode == Mode::kLstm) {
-          const float* cx = r < np ? c_all + (off_prev + r) * H : c0 + r * H;
-          // dc row r: d c_t in, d c_{t-1} out (the kernel reads each element before writing it)
-          over_h([&](auto vec, int64_t j) {
-            return lstm_bwd_span<float, decltype(vec)::value, false>(j, j1, H, dh_row, dc + r * H, cx,
-                                                                     c_all + row * H, ws + row * 4 * H, nullptr,
-                                                                     dgi + row * GH, dc + r * H, nullptr);
-          }, j0);
-        } else if (gru) {
-          const float* hx = r < np ? h_seq + (off_prev + r) * H : h0 + r * H;
-          // dh row r: d h_t in, the direct term d h_{t-1} = d h_t * z out
-          over_h([&](auto vec, int64_t j) {
-            return gru_bwd_span<float, decltype(vec)::value>(j, j1, H, dh_row, hx, ws + row * 4 * H, dgi + row * GH,
-                                                             dgh + row * GH, dh_row);
-          }, j0);
-        } else {
-          const float* hy = h_seq + row * H;
-          over_h([&](auto vec, int64_t j) {
-            return relu ? rnn_bwd_span<float, decltype(vec)::value, true>(j, j1, dh_row, hy, dgi + row * H)
-                        : rnn_bwd_span<float, decltype(vec)::value, false>(j, j1, dh_row, hy, dgi + row * H);
-          }, j0);
-        }
+        for (int64_t j = j0; j < j1; ++j) cell.dh[r * H + j] += dy[(off + r) * H + j];
+        cell(S, k, r, j0, j1);
       }
       barrier.wait(weight);  // the recurrent GEMM reads every gate gradient of the step
       // d h_{t-1} (this worker's columns) = dgates W_hh (+ the direct term for GRU)
-      for (int64_t p = p0; p < p1; ++p) panel_gemm(W, p, dgh + off * GH, GH, n, dh, H, gru);
+      for (int64_t p = p0; p < p1; ++p) panel_gemm(W, p, cell.dgh + off * GH, GH, n, cell.dh, H, gru);
     }
   });
 }
@@ -444,59 +506,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
   };
   const at::Tensor bias = L.row_bias();
 
+  // The row update over this call's buffers, in the element type of `tag`.
+  auto forward_row = [&](auto tag) {
+    using T = decltype(tag);
+    T* y_p = y.mutable_data_ptr<T>();
+    return ForwardRow<T>{L.mode,
+                         H,
+                         gw,
+                         gates.mutable_data_ptr<T>(),
+                         hg.mutable_data_ptr<T>(),
+                         L.h0.const_data_ptr<T>(),
+                         lstm ? L.c0.const_data_ptr<T>() : nullptr,
+                         bias.const_data_ptr<at::opmath_type<T>>(),
+                         y_p,
+                         L.proj ? h_raw.mutable_data_ptr<T>() : y_p,
+                         lstm ? c_all.mutable_data_ptr<T>() : nullptr};
+  };
   if (small && L.N <= kSlicedRows && !L.proj) {
-    forward_sliced(L.mode, S, H, *w_pack, L.h0.const_data_ptr<float>(), lstm ? L.c0.const_data_ptr<float>() : nullptr,
-                   bias.const_data_ptr<float>(), gates.mutable_data_ptr<float>(), gw, hg.mutable_data_ptr<float>(),
-                   y.mutable_data_ptr<float>(), lstm ? c_all.mutable_data_ptr<float>() : nullptr);
+    forward_sliced(S, *w_pack, forward_row(float{}));
     for (int64_t k = 0; k < S.T; ++k) finish_rows(k);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, L.dtype, "rnn_layer_fwd", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      scalar_t* gi_p = gates.mutable_data_ptr<scalar_t>();  // x W_ih^T in, activated gates out (LSTM, GRU)
-      const scalar_t* hg_p = hg.const_data_ptr<scalar_t>();
-      const scalar_t* h0_p = L.h0.const_data_ptr<scalar_t>();
-      const scalar_t* c0_p = lstm ? L.c0.const_data_ptr<scalar_t>() : nullptr;
-      const opmath_t* b_p = bias.const_data_ptr<opmath_t>();
-      scalar_t* y_p = y.mutable_data_ptr<scalar_t>();
-      scalar_t* c_p = lstm ? c_all.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* hr_p = L.proj ? h_raw.mutable_data_ptr<scalar_t>() : y_p;  // where the cell writes o * tanh(c)
-
+      const ForwardRow<scalar_t> cell = forward_row(scalar_t{});
+      const int64_t width = lstm ? 10 * H : gru ? 12 * H : 3 * H;  // work per row
       for (int64_t k = 0; k < S.T; ++k) {
         const int64_t n = S.rows[k], np = S.prev[k], off = S.off[k], off_prev = k > 0 ? S.off[k - 1] : 0;
         if (np > 0) recurrent_mm(hg.narrow(0, 0, np), y.narrow(0, off_prev, np));
         if (n > np) recurrent_mm(hg.narrow(0, np, n - np), L.h0.narrow(0, np, n - np));
-        if (lstm) {
-          for_rows(n, 10 * H, [&](int64_t r) {
-            const int64_t row = off + r;
-            const scalar_t* cx = r < np ? c_p + (off_prev + r) * H : c0_p + r * H;
-            over_h([&](auto vec, int64_t j) {
-              return lstm_fwd_span<scalar_t, decltype(vec)::value, false>(
-                  j, H, H, gi_p + row * gw, hg_p + r * GH, cx, b_p, nullptr, hr_p + row * H, c_p + row * H,
-                  gi_p + row * gw);
-            });
-          });
-          if (L.proj) mm_into(y.narrow(0, off, n), h_raw.narrow(0, off, n), w_hr_t);
-        } else if (gru) {
-          for_rows(n, 12 * H, [&](int64_t r) {
-            const int64_t row = off + r;
-            const scalar_t* hx = r < np ? y_p + (off_prev + r) * H : h0_p + r * H;
-            over_h([&](auto vec, int64_t j) {
-              return gru_fwd_span<scalar_t, decltype(vec)::value>(j, H, H, gi_p + row * gw, hg_p + r * GH, hx, b_p,
-                                                                  y_p + row * H, gi_p + row * gw);
-            });
-          });
-        } else {
-          const bool relu = L.mode == Mode::kRnnRelu;
-          for_rows(n, 3 * H, [&](int64_t r) {
-            const int64_t row = off + r;
-            over_h([&](auto vec, int64_t j) {
-              return relu ? rnn_fwd_span<scalar_t, decltype(vec)::value, true>(j, H, gi_p + row * H, hg_p + r * H,
-                                                                                b_p, y_p + row * H)
-                          : rnn_fwd_span<scalar_t, decltype(vec)::value, false>(j, H, gi_p + row * H, hg_p + r * H,
-                                                                                 b_p, y_p + row * H);
-            });
-          });
-        }
+        for_rows(n, width, [&](int64_t r) { cell(S, k, r, 0, H); });
+        if (L.proj) mm_into(y.narrow(0, off, n), h_raw.narrow(0, off, n), w_hr_t);
         finish_rows(k);
       }
     });
@@ -577,29 +615,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
     }
   };
 
+  // The row update over this call's buffers, in the element type of `tag`.
+  auto backward_row = [&](auto tag) {
+    using T = decltype(tag);
+    T* dh_p = dh_state.mutable_data_ptr<T>();
+    return BackwardRow<T>{L.mode,
+                          H,
+                          dh_p,
+                          L.proj ? dh_raw.const_data_ptr<T>() : dh_p,
+                          lstm ? dc_state.mutable_data_ptr<T>() : nullptr,
+                          h_seq.const_data_ptr<T>(),
+                          ws.defined() ? ws.const_data_ptr<T>() : nullptr,
+                          lstm ? c_all.const_data_ptr<T>() : nullptr,
+                          L.h0.const_data_ptr<T>(),
+                          lstm ? L.c0.const_data_ptr<T>() : nullptr,
+                          dgi.mutable_data_ptr<T>(),
+                          dgh.mutable_data_ptr<T>()};
+  };
   if (small && N <= kSlicedRows && !L.proj) {
-    backward_sliced(L.mode, S, H, *w_pack, dy2d.const_data_ptr<float>(), dh_state.mutable_data_ptr<float>(),
-                    lstm ? dc_state.mutable_data_ptr<float>() : nullptr, h_seq.const_data_ptr<float>(),
-                    ws.defined() ? ws.const_data_ptr<float>() : nullptr,
-                    lstm ? c_all.const_data_ptr<float>() : nullptr, L.h0.const_data_ptr<float>(),
-                    lstm ? L.c0.const_data_ptr<float>() : nullptr, dgi.mutable_data_ptr<float>(),
-                    dgh.mutable_data_ptr<float>());
+    backward_sliced(S, *w_pack, dy2d.const_data_ptr<float>(), backward_row(float{}));
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, L.dtype, "rnn_layer_bwd", [&] {
-      const scalar_t* h0_p = L.h0.const_data_ptr<scalar_t>();
-      const scalar_t* c0_p = lstm ? L.c0.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* hs_p = h_seq.const_data_ptr<scalar_t>();
-      const scalar_t* ws_p = ws.defined() ? ws.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* c_p = lstm ? c_all.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* dhs_p = dh_state.mutable_data_ptr<scalar_t>();
-      scalar_t* dcs_p = lstm ? dc_state.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* dgi_p = dgi.mutable_data_ptr<scalar_t>();
-      scalar_t* dgh_p = dgh.mutable_data_ptr<scalar_t>();
-      // d(o * tanh(c)) of the current step, row r at dhy_p + r * H.
-      const scalar_t* dhy_p = L.proj ? dh_raw.const_data_ptr<scalar_t>() : dhs_p;
-
+      const BackwardRow<scalar_t> cell = backward_row(scalar_t{});
+      const int64_t width = lstm ? 12 * H : gru ? 13 * H : 3 * H;  // work per row
       for (int64_t k = S.T - 1; k >= 0; --k) {
-        const int64_t n = S.rows[k], np = S.prev[k], off = S.off[k], off_prev = k > 0 ? S.off[k - 1] : 0;
+        const int64_t n = S.rows[k], off = S.off[k];
         if (L.proj) {
           at::Tensor dh = dh_all.narrow(0, off, n);
           at::add_out(dh, dh_state.narrow(0, 0, n), dy2d.narrow(0, off, n));
@@ -607,42 +647,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
         } else {
           dh_state.narrow(0, 0, n).add_(dy2d.narrow(0, off, n));
         }
-        if (lstm) {
-          for_rows(n, 12 * H, [&](int64_t r) {
-            const int64_t row = off + r;
-            const scalar_t* cx = r < np ? c_p + (off_prev + r) * H : c0_p + r * H;
-            // dc_state row r: d c_t in, d c_{t-1} out (the kernel reads each element before writing it).
-            over_h([&](auto vec, int64_t j) {
-              return lstm_bwd_span<scalar_t, decltype(vec)::value, false>(
-                  j, H, H, dhy_p + r * H, dcs_p + r * H, cx, c_p + row * H, ws_p + row * 4 * H, nullptr,
-                  dgi_p + row * GH, dcs_p + r * H, nullptr);
-            });
-          });
-          recurrent_mm(dh_state.narrow(0, 0, n), dgi.narrow(0, off, n), false);
-        } else if (gru) {
-          for_rows(n, 13 * H, [&](int64_t r) {
-            const int64_t row = off + r;
-            const scalar_t* hx = r < np ? hs_p + (off_prev + r) * H : h0_p + r * H;
-            // dh_state row r: d h_t in, the direct term d h_{t-1} = d h_t * z out.
-            over_h([&](auto vec, int64_t j) {
-              return gru_bwd_span<scalar_t, decltype(vec)::value>(j, H, H, dhs_p + r * H, hx, ws_p + row * 4 * H,
-                                                                  dgi_p + row * GH, dgh_p + row * GH, dhs_p + r * H);
-            });
-          });
-          recurrent_mm(dh_state.narrow(0, 0, n), dgh.narrow(0, off, n), true);
-        } else {
-          const bool relu = L.mode == Mode::kRnnRelu;
-          for_rows(n, 3 * H, [&](int64_t r) {
-            const int64_t row = off + r;
-            over_h([&](auto vec, int64_t j) {
-              return relu ? rnn_bwd_span<scalar_t, decltype(vec)::value, true>(j, H, dhs_p + r * H, hs_p + row * H,
-                                                                                dgi_p + row * H)
-                          : rnn_bwd_span<scalar_t, decltype(vec)::value, false>(j, H, dhs_p + r * H, hs_p + row * H,
-                                                                                 dgi_p + row * H);
-            });
-          });
-          recurrent_mm(dh_state.narrow(0, 0, n), dgi.narrow(0, off, n), false);
-        }
+        for_rows(n, width, [&](int64_t r) { cell(S, k, r, 0, H); });
+        // d h_{t-1} = dgates W_hh (+ the GRU's direct term d h_t * z, which the row update left in dh_state)
+        recurrent_mm(dh_state.narrow(0, 0, n), dgh.narrow(0, off, n), gru);
       }
     });
   }
