@@ -124,24 +124,43 @@ constexpr int64_t kSlicedRows = 16;
 using VecF = Vectorized<float>;
 constexpr int64_t kVecs = kPanel / VecF::size();  // vectors per panel row
 
+// The buffer that holds the packed panels: one per calling thread, reused by its later calls (grown when needed,
+// never shrunk; at most the size of the largest W_hh packed, rounded up to whole panels). A fresh buffer of several
+// MiB per call costs a page fault per 4 KiB page on first touch.
+float* panel_buffer(int64_t floats) {
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < floats) {
+    buffer = at::Tensor();  // release the old one first
+    buffer = empty_output({floats}, at::TensorOptions().dtype(at::kFloat));
+  }
+  return buffer.mutable_data_ptr<float>();
+}
+
+// At most one Panels may be alive per thread (they share the thread's panel_buffer).
 struct Panels {
   int64_t K, cols, per_group, count;  // count = groups * per_group panels
-  at::Tensor data;                    // panel i, row k at (i * K + k) * kPanel
+  float* data;                        // panel i, row k at (i * K + k) * kPanel
 
   // B's element (k, g * cols + c) at b[k * sk + (g * cols + c) * sc].
   Panels(const float* b, int64_t sk, int64_t sc, int64_t K_, int64_t cols_, int64_t groups)
       : K(K_), cols(cols_), per_group((cols_ + kPanel - 1) / kPanel), count(groups * per_group) {
-    data = at::empty({count * K * kPanel}, at::TensorOptions().dtype(at::kFloat));
-    float* wp = data.mutable_data_ptr<float>();
+    data = panel_buffer(count * K * kPanel);
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        float* dst = wp + i * K * kPanel;
+        float* dst = data + i * K * kPanel;
         const int64_t c0 = column(i), w = width(i);
         if (w < kPanel) std::fill(dst, dst + K * kPanel, 0.f);
         // read b along its contiguous dimension
         if (sk < sc) {
+          // sk == 1: a transpose, in 8 x 8 tiles while they fit (measured 2x faster than element by element)
+          int64_t k = 0;
+          if (sk == 1 && w == kPanel) {
+            for (; k + 8 <= K; k += 8)
+              for (int64_t c = 0; c < w; c += 8)
+                at::vec::transpose_mxn<float, 8, 8>(b + k + (c0 + c) * sc, sc, dst + k * kPanel + c, kPanel);
+          }
           for (int64_t c = 0; c < w; ++c)
-            for (int64_t k = 0; k < K; ++k) dst[k * kPanel + c] = b[k * sk + (c0 + c) * sc];
+            for (int64_t kk = k; kk < K; ++kk) dst[kk * kPanel + c] = b[kk * sk + (c0 + c) * sc];
         } else {
           for (int64_t k = 0; k < K; ++k)
             for (int64_t c = 0; c < w; ++c) dst[k * kPanel + c] = b[k * sk + (c0 + c) * sc];
@@ -149,7 +168,7 @@ struct Panels {
       }
     });
   }
-  const float* panel(int64_t i) const { return data.const_data_ptr<float>() + i * K * kPanel; }
+  const float* panel(int64_t i) const { return data + i * K * kPanel; }
   int64_t column(int64_t i) const { return (i / per_group) * cols + (i % per_group) * kPanel; }  // its first column
   int64_t width(int64_t i) const { return std::min(kPanel, cols - (i % per_group) * kPanel); }
 };
@@ -654,18 +673,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
     });
   }
 
-  // dW_hh = sum over steps of dgates_hh^T h_prev. With every step on all N rows, h_prev of the steps after the
-  // first is h of the sequence shifted by one step: two GEMMs. Otherwise gather h_prev per step (rows that continue
-  // from the previous step, then rows that start from h0) and use one GEMM.
+  // dW_hh = sum over steps of dgates_hh^T h_prev, as one GEMM over h_prev gathered per step (rows that continue
+  // from the previous step, then rows that start from h0). With every step on all N rows h_prev is h0 followed by
+  // h of the sequence shifted by a step, but splitting the GEMM there makes one of rank N, which the library GEMM
+  // runs far from peak at small N (profiled at N = 1, H = 512, T = 100: 1.75 ms for the rank-1 part, 1.2 ms for the
+  // other 99 steps; the gather: ~10 us).
   at::Tensor dw_hh;
   if (S.T == 0) {
     dw_hh = at::zeros({GH, Hout}, opts);
-  } else if (S.uniform) {
-    const int64_t first = S.off[0], rest = S.total - N;
-    dw_hh = at::mm(dgh.narrow(0, first, N).t(), L.h0);
-    if (rest > 0) {
-      dw_hh.addmm_(dgh.narrow(0, reverse ? 0 : N, rest).t(), h_seq.narrow(0, reverse ? N : 0, rest));
-    }
   } else {
     at::Tensor h_prev = empty_output({S.total, Hout}, opts);
     const auto* hs = static_cast<const char*>(h_seq.const_data_ptr());
@@ -681,11 +696,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
         }
       }
     });
-    dw_hh = at::mm(dgh.t(), h_prev);
+    dw_hh = empty_output({GH, Hout}, opts);
+    mm_into(dw_hh, dgh.t(), h_prev);
   }
   at::Tensor dx = empty_output(x.sizes(), opts);
   mm_into(dx.view({S.total, L.C}), dgi, L.w_ih);
-  at::Tensor dw_ih = at::mm(dgi.t(), L.x2d);
+  at::Tensor dw_ih = empty_output({GH, L.C}, opts);
+  mm_into(dw_ih, dgi.t(), L.x2d);
   at::Tensor db_ih = L.b_ih.defined() ? dgi.sum(0) : at::Tensor();
   at::Tensor db_hh;
   if (L.b_hh.defined()) db_hh = gru ? dgh.sum(0) : (db_ih.defined() ? db_ih.clone() : dgi.sum(0));
