@@ -19,11 +19,13 @@ if DEVICE == "cuda":
 else:  # (embed, heads, sequence, batch)
     DTYPE = torch.float32
     SHAPES = [(768, 12, 128, 4)] if QUICK else [(768, 12, 128, 8), (768, 12, 512, 2), (2048, 16, 1024, 1)]
+BACKENDS = ["cuda", "triton"] if DEVICE == "cuda" else ["cpu"]  # of the attention inside
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "e{}-h{}-s{}-b{}".format(*s))
-def test_multihead_attention(benchmark, shape, mode):
+def test_multihead_attention(benchmark, shape, mode, backend):
     embed, heads, seq, batch = shape
     benchmark.group = f"multihead attention {mode}"
     grad = mode != "fwd"
@@ -45,11 +47,15 @@ def test_multihead_attention(benchmark, shape, mode):
                     torch.autograd.grad(out, leaves, dout)
         return go
 
+    def ours_step():
+        with fastseq.backend(backend):
+            step(ours)()
+
     tokens = batch * seq
     gemm, attention = 8 * tokens * embed ** 2, 4 * batch * seq * seq * embed
     flops = gemm * 3 + attention * 3.5 if grad else gemm + attention
-    run(benchmark, step(ours), step(theirs), shape=f"b={batch} s={seq} e={embed} h={heads}",
-        dtype=str(DTYPE).replace("torch.", ""), flops=flops, peak_MiB=peak_mib(step(ours)),
+    run(benchmark, ours_step, step(theirs), shape=f"b={batch} s={seq} e={embed} h={heads}",
+        dtype=str(DTYPE).replace("torch.", ""), backend=backend, flops=flops, peak_MiB=peak_mib(ours_step),
         torch_peak_MiB=peak_mib(step(theirs)))
     extra = benchmark.extra_info
     extra["TFLOPs"] = round(flops / extra["ms"] / 1e9, 4)
