@@ -2,6 +2,8 @@
 // its first tensor to the CPU kernels (csrc/cpu) or the CUDA kernels (csrc/cuda, in CUDA builds only).
 #include <torch/extension.h>
 
+#include <ATen/autocast_mode.h>
+
 #include "attention.h"
 #include "layer_norm.h"
 #include "rnn_cell.h"
@@ -102,4 +104,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             reverse, batch_sizes, saved);
   }, "dx, dh0, dc0, [dw_ih, dw_hh, db_ih, db_hh, dw_hr] = rnn_layer_bwd(mode, dy, dh_n, dc_n?, x, h0, c0?, w_ih, "
      "w_hh, b_ih?, b_hh?, w_hr?, reverse, batch_sizes?, saved)");
+
+  m.def("autocast_cast", [](const at::Tensor& t, at::ScalarType dtype) {
+    return at::autocast::cached_cast(dtype, t, t.device().type());
+  }, "t cast to dtype as torch.autocast casts an op's arguments: a float32 leaf that requires grad (a weight) is "
+     "cast once per autocast region (torch's autocast cache), anything else on every call");
 }

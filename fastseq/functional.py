@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.fastseq)
+from . import backends, ops  # noqa: F401  (ops registers torch.ops.fastseq)
 from .errors import DeviceError, DTypeError, ShapeError
 
 
@@ -112,10 +112,16 @@ def _autocast(cpu: str, cuda: str) -> Callable[[Callable], Callable]:
                                                         input.dtype)
 
             def cast(t: Tensor) -> Tensor:
-                return t.to(dtype) if eligible(t) else t
+                if not eligible(t) or t.dtype == dtype:
+                    return t
+                # eager: through torch's autocast cache, so that a weight is cast once per autocast region, not
+                # once per call (a cell stepped over a sequence)
+                ext = None if torch.compiler.is_compiling() else backends.extension()
+                return t.to(dtype) if ext is None else ext.autocast_cast(t, dtype)
 
+            args, kwargs = _map_tensors(cast, args), {k: _map_tensors(cast, v) for k, v in kwargs.items()}
             with torch.autocast(device, enabled=False):
-                out = fn(*_map_tensors(cast, args), **{k: _map_tensors(cast, v) for k, v in kwargs.items()})
+                out = fn(*args, **kwargs)
             return _map_tensors(lambda t: t.to(out_dtype), out)
 
         return run

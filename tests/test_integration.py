@@ -311,6 +311,36 @@ def test_autocast_cpu_bfloat16(case):
         assert all(p.grad is not None and p.grad.dtype == p.dtype for p in ours.parameters())
 
 
+def test_autocast_casts_a_weight_once_per_region():
+    """Under autocast a weight is cast once per autocast region (torch's autocast cache), as torch's ops do: an
+    RNNCell stepped over a sequence reuses one bfloat16 copy of its weights, and its gradients (through the
+    steps) stay within twice torch's error against the float64 reference."""
+    ext = fastseq.backends.extension()
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    with torch.autocast("cpu", dtype=bf16):
+        first, again = ext.autocast_cast(w, bf16), ext.autocast_cast(w, bf16)
+        assert first.dtype == bf16 and first.data_ptr() == again.data_ptr()
+        assert ext.autocast_cast(w.detach(), bf16).data_ptr() != first.data_ptr()  # not a leaf that needs grad
+    with torch.autocast("cpu", dtype=bf16):  # a new region casts anew (first is alive: its memory is not reused)
+        assert ext.autocast_cast(w, bf16).data_ptr() != first.data_ptr()
+
+    torch.manual_seed(0)
+    theirs = torch.nn.RNNCell(C, H)
+    ours, reference = copy.deepcopy(theirs), copy.deepcopy(theirs).double()
+    fastseq.replace_modules(ours)
+    xs = torch.randn(T, N, C)
+    grads = []
+    for model, cast in ((ours, True), (theirs, True), (reference, False)):
+        h = torch.zeros(N, H, dtype=torch.float64 if not cast else torch.float32)
+        with torch.autocast("cpu", dtype=bf16, enabled=cast):
+            for t in range(T):
+                h = model(xs[t] if cast else xs[t].double(), h)
+        h.float().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for i, (got, want, ref) in enumerate(zip(*grads, strict=True)):
+        assert_within_torch_error(got, want, ref, f"parameter {i}", factor=2.0)
+
+
 # ------------------------------------------------------------------------------------------- DDP and FSDP (gloo)
 class Small(torch.nn.Module):
     """LSTM, LayerNorm and a GRU cell stepped over the sequence, in float64."""
