@@ -49,16 +49,27 @@ def median_ms(fn: Callable[[], object], reps: int | None = None, warmup: int = 2
     return statistics.median(times)
 
 
-def peak_mib(fn: Callable[[], object]) -> float | None:
-    """Peak GPU memory allocated while fn() runs, in MiB (None on the CPU, where torch does not track it)."""
-    if DEVICE != "cuda":
-        return None
-    sync()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    sync()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+def peak_mib(fn: Callable[[], object]) -> float:
+    """Peak memory allocated while fn() runs, in MiB, above what was allocated before: on the GPU torch's
+    allocator statistics; on the CPU (where torch keeps none) from the profiler's memory events, each allocation
+    counted at the start of the op that makes it and each free at the end of the op that makes it (an op frees
+    tensors that outlive its children), so that a peak inside an op without children is not seen."""
+    if DEVICE == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+                    for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return round(peak / 2**20, 1)
 
 
 @functools.cache
