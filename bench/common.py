@@ -51,9 +51,9 @@ def median_ms(fn: Callable[[], object], reps: int | None = None, warmup: int = 2
 
 def peak_mib(fn: Callable[[], object]) -> float:
     """Peak memory allocated while fn() runs, in MiB, above what was allocated before: on the GPU torch's
-    allocator statistics; on the CPU (where torch keeps none) from the profiler's memory events, each allocation
-    counted at the start of the op that makes it and each free at the end of the op that makes it (an op frees
-    tensors that outlive its children), so that a peak inside an op without children is not seen."""
+    allocator statistics; on the CPU (where torch keeps none) from the profiler's memory events of torch's
+    allocator, each allocation counted at the start of the op that makes it and each free at its end (an op's own
+    frees are of tensors that outlive its children). Memory allocated outside torch (MKL's buffers) is not seen."""
     if DEVICE == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats()
