@@ -341,6 +341,42 @@ def test_autocast_casts_a_weight_once_per_region():
         assert_within_torch_error(got, want, ref, f"parameter {i}", factor=2.0)
 
 
+def test_calls_without_grad_skip_the_autograd_function(monkeypatch):
+    """With grad mode off, or no tensor argument requiring grad, an op runs its implementation without the
+    autograd.Function (inference pays no graph bookkeeping); the results are the same as through the Function,
+    which still runs as soon as a tensor argument requires grad."""
+    torch.manual_seed(0)
+    lstm, cell, norm = fnn.LSTM(5, 6), fnn.GRUCell(6, 4), fnn.LayerNorm(6)
+    attention = fnn.MultiheadAttention(6, 2, batch_first=True)
+    x = torch.randn(3, 2, 5)
+
+    def model():
+        y = norm(lstm(x)[0])
+        return cell(y[0]), attention(y, y, y, need_weights=False)[0]
+
+    want = model()  # parameters require grad: through the Functions
+    functions = [fastseq.ops.rnn_layer._RNNLayerFunction, fastseq.ops.rnn_cell._GRUCellFunction,
+                 fastseq.ops.layer_norm._LayerNormFunction, fastseq.ops.attention._SDPAFunction]
+    applied = []
+    for function in functions:
+        def counted(cls, *args, apply=function.apply):
+            applied.append(cls)
+            return apply(*args)
+        monkeypatch.setattr(function, "apply", classmethod(counted))
+    with torch.no_grad():
+        got = model()
+    for module in (lstm, cell, norm, attention):
+        module.requires_grad_(False)
+    got_no_leaves = model()
+    assert applied == []
+    for g, h, w in zip(got, got_no_leaves, want, strict=True):
+        assert_close(g, w.detach(), 0.0, 0.0, "under no_grad")
+        assert_close(h, w.detach(), 0.0, 0.0, "no tensor requires grad")
+    x.requires_grad_(True)
+    model()
+    assert set(applied) == set(functions)
+
+
 # ------------------------------------------------------------------------------------------- DDP and FSDP (gloo)
 class Small(torch.nn.Module):
     """LSTM, LayerNorm and a GRU cell stepped over the sequence, in float64."""

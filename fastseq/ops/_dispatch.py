@@ -1,6 +1,7 @@
 """Calling a fastseq op: the torch.library custom op while torch.compile traces, and in eager mode a plain
 torch.autograd.Function with the same forward, setup_context and backward (a custom op's Python dispatch costs
-~70 us a call, which would dominate small ops such as a cell step at batch 1)."""
+~70 us a call, which would dominate small ops such as a cell step at batch 1), or, when there is nothing to
+differentiate, the implementation itself (the Function's bookkeeping costs another ~15 us a call)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,12 +21,18 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
         ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
         return output
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward),
+                                                   "implementation": staticmethod(forward)})
 
 
 def call(op, eager: type[torch.autograd.Function], *args):
-    """op(*args) under torch.compile, eager.apply(*args) otherwise (positional arguments only)."""
-    return op(*args) if torch.compiler.is_compiling() else eager.apply(*args)
+    """op(*args) under torch.compile; otherwise eager.apply(*args), or the implementation directly when grad mode
+    is off or no tensor argument requires grad (positional arguments only, tensors at the top level)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return eager.apply(*args)
+    return eager.implementation(*args)
 
 
 def backward_op(ctx, op, impl: Callable) -> Callable:
