@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import backends, ops  # noqa: F401  (ops registers torch.ops.fastseq)
 from .errors import DeviceError, DTypeError, ShapeError
+from .ops._dispatch import needs_grad
 
 
 def _check_floating(t: Tensor, name: str) -> None:
@@ -407,6 +408,49 @@ def _check_state(t: Tensor, name: str, input: Tensor, shape: tuple[int, ...]) ->
     _check_like(t, input, name, "input")
 
 
+# Without grad a layer direction runs in chunks of steps whose gate buffers stay under this many bytes, the state
+# carried from chunk to chunk: what the op keeps for a backward (the gates and states of every step) then stays
+# bounded instead of growing with the sequence.
+_CHUNK_BYTES = 32 * 2**20
+
+
+def _direction(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: tuple, reverse: bool,
+               batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer direction: y, h_n, c_n of fastseq::rnn_layer over x (T, N, C) or packed data with batch_sizes; in
+    chunks of steps (ops.rnn_layer.apply per chunk, the state carried over) when nothing needs grad."""
+    steps = len(batch_sizes) if batch_sizes is not None else x.shape[0]
+    hidden = weights[1].shape[0] // _GATES[mode]
+    step_bytes = h0.shape[0] * (4 * hidden if mode in ("lstm", "gru") else hidden) * x.element_size()  # its gates
+    chunk = max(1, _CHUNK_BYTES // max(1, step_bytes))
+    if chunk >= steps or needs_grad(x, h0, c0, *weights) or torch.compiler.is_compiling():
+        return ops.rnn_layer.apply(mode, x, h0, c0, *weights, reverse, batch_sizes)
+    # rows of each time step in x (packed: the offsets of the steps in the data)
+    first = [0, *torch.cumsum(batch_sizes, 0).tolist()] if batch_sizes is not None else None
+    y = None
+    h, c = h0, c0
+    starts = list(range(0, steps, chunk))
+    for s in reversed(starts) if reverse else starts:
+        e = min(s + chunk, steps)
+        if batch_sizes is None:
+            part, sizes, rows = x[s:e], None, h.shape[0]
+        else:
+            part, sizes, rows = x[first[s]:first[e]], batch_sizes[s:e], int(batch_sizes[s])
+        # rows [0, rows) run in this chunk; in a packed sequence the others ended (forward) or have not started
+        # (reverse) and keep their state
+        y_part, h_part, c_part = ops.rnn_layer.apply(mode, part, h[:rows], None if c is None else c[:rows],
+                                                     *weights, reverse, sizes)
+        if y is None:
+            y = y_part.new_empty((x.shape[0], *y_part.shape[1:]))
+        if batch_sizes is None:
+            y[s:e] = y_part
+        else:
+            y[first[s]:first[e]] = y_part
+        h = h_part if rows == h.shape[0] else torch.cat([h_part, h[rows:]])
+        if c is not None:
+            c = c_part if rows == c.shape[0] else torch.cat([c_part, c[rows:]])
+    return y, h, c
+
+
 def _sequence(mode: str, input: Tensor, hx, params: Sequence[Tensor], has_biases: bool, num_layers: int,
               dropout: float, train: bool, bidirectional: bool, batch_first: bool, batch_sizes: Tensor | None
               ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -457,8 +501,7 @@ def _sequence(mode: str, input: Tensor, hx, params: Sequence[Tensor], has_biases
         ys = []
         for d in range(dirs):
             i = layer * dirs + d
-            y, h_n, c_n = ops.rnn_layer.apply(mode, x, h0[i], None if c0 is None else c0[i], *layers[i], d == 1,
-                                              batch_sizes)
+            y, h_n, c_n = _direction(mode, x, h0[i], None if c0 is None else c0[i], layers[i], d == 1, batch_sizes)
             ys.append(y)
             hs.append(h_n)
             cs.append(c_n)

@@ -273,6 +273,32 @@ def test_packed_sequence(backend, device, dtype, kind, enforce_sorted):
         assert (a is None and b is None) or torch.equal(a.cpu(), b)
 
 
+@pytest.mark.parametrize("chunk_steps", [1, 3])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kind", KINDS + ["lstm_proj"])
+def test_no_grad_forward_in_chunks(monkeypatch, kind, packed, chunk_steps):
+    """Without grad a layer direction runs in chunks of steps, the state carried from chunk to chunk, so that what
+    the op keeps for a backward stays bounded: outputs and final states equal torch's (2 bidirectional layers, hx
+    given; packed with unsorted lengths, one of them 1, or not), and the op runs more than once per direction."""
+    proj = 2 if kind == "lstm_proj" else 0
+    kind = kind.removesuffix("_proj")
+    theirs, ours = _modules(kind, 3, 4, num_layers=2, bidirectional=True, proj_size=proj)
+    gen = torch.Generator().manual_seed(3)
+    padded = torch.randn(7, 4, 3, generator=gen, dtype=torch.float64)
+    x = pack_padded_sequence(padded, [7, 1, 5, 4], enforce_sorted=False) if packed else padded
+    hx = _states(kind, 2, 2, 4, 4, proj, torch.float64, gen)
+    gate_columns = 4 * 4 if kind in ("lstm", "gru") else 4
+    monkeypatch.setattr(F, "_CHUNK_BYTES", chunk_steps * 4 * gate_columns * 8)  # 4 rows, float64
+    calls = []
+    apply = op.apply
+    monkeypatch.setattr(op, "apply", lambda *args: calls.append(args) or apply(*args))
+    with torch.no_grad():
+        got, want = ours(x, hx), theirs(x, hx)
+    assert len(calls) >= 2 * 2 * 3  # 7 steps in chunks of at most 3, per layer direction
+    for i, (g, w) in enumerate(zip(_flat(got), _flat(want), strict=True)):
+        assert_close(g, w, *TOL[torch.float64], f"output {i}")
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_unbatched(kind, batch_first):

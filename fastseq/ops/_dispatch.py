@@ -25,12 +25,18 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
                                                    "implementation": staticmethod(forward)})
 
 
+def needs_grad(*args) -> bool:
+    """Whether autograd records a graph through an op taking `args`: grad mode is on and a tensor among them (at
+    the top level) requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
 def call(op, eager: type[torch.autograd.Function], *args):
     """op(*args) under torch.compile; otherwise eager.apply(*args), or the implementation directly when grad mode
     is off or no tensor argument requires grad (positional arguments only, tensors at the top level)."""
     if torch.compiler.is_compiling():
         return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if needs_grad(*args):
         return eager.apply(*args)
     return eager.implementation(*args)
 
