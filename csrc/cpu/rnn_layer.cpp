@@ -19,7 +19,6 @@
 #include <atomic>
 #include <cstring>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include "cpu/memory.h"
