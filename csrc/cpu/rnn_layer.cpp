@@ -342,15 +342,15 @@ struct ForwardRow {
         break;
       }
       case Mode::kRnnTanh:
+      case Mode::kRnnRelu: {
+        const bool relu = mode == Mode::kRnnRelu;
         over_h([&](auto vec, int64_t j) {
-          return rnn_fwd_span<scalar_t, decltype(vec)::value, false>(j, j1, g, hg_row, bias, y + row * H);
+          constexpr bool kVec = decltype(vec)::value;
+          return relu ? rnn_fwd_span<scalar_t, kVec, true>(j, j1, g, hg_row, bias, y + row * H)
+                      : rnn_fwd_span<scalar_t, kVec, false>(j, j1, g, hg_row, bias, y + row * H);
         }, j0);
         break;
-      case Mode::kRnnRelu:
-        over_h([&](auto vec, int64_t j) {
-          return rnn_fwd_span<scalar_t, decltype(vec)::value, true>(j, j1, g, hg_row, bias, y + row * H);
-        }, j0);
-        break;
+      }
     }
   }
 };
@@ -398,17 +398,15 @@ struct BackwardRow {
         break;
       }
       case Mode::kRnnTanh:
+      case Mode::kRnnRelu: {
+        const bool relu = mode == Mode::kRnnRelu;
         over_h([&](auto vec, int64_t j) {
-          return rnn_bwd_span<scalar_t, decltype(vec)::value, false>(j, j1, dh + r * H, h_seq + row * H,
-                                                                     dgi + row * H);
+          constexpr bool kVec = decltype(vec)::value;
+          return relu ? rnn_bwd_span<scalar_t, kVec, true>(j, j1, dh + r * H, h_seq + row * H, dgi + row * H)
+                      : rnn_bwd_span<scalar_t, kVec, false>(j, j1, dh + r * H, h_seq + row * H, dgi + row * H);
         }, j0);
         break;
-      case Mode::kRnnRelu:
-        over_h([&](auto vec, int64_t j) {
-          return rnn_bwd_span<scalar_t, decltype(vec)::value, true>(j, j1, dh + r * H, h_seq + row * H,
-                                                                    dgi + row * H);
-        }, j0);
-        break;
+      }
     }
   }
 };
