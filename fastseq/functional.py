@@ -451,11 +451,44 @@ def _direction(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: tup
     return y, h, c
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _concurrently(runs: list[Callable[[], tuple]], device: torch.device, side_inputs: list[Tensor | None]
+                  ) -> list[tuple]:
+    """The results of `runs` (the directions of a layer). On a CUDA device, in eager mode, the last run goes on a
+    side stream, so that its kernels (and, as autograd runs each backward on its forward's stream, its backward's)
+    overlap those of the first on the current stream: the side stream first waits for the work queued so far, the
+    current stream waits for the side stream's after; record_stream keeps the caching allocator from reusing the
+    memory of `side_inputs` (the last run's tensor arguments) or of the last run's results while the other stream
+    may still use it. Elsewhere one after the other."""
+    if len(runs) == 1 or device.type != "cuda" or torch.compiler.is_compiling() \
+            or torch.cuda.is_current_stream_capturing():
+        return [run() for run in runs]
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(main.device_index)
+    if side is None:
+        side = _SIDE_STREAMS[main.device_index] = torch.cuda.Stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        last = runs[-1]()
+    results = [run() for run in runs[:-1]]
+    main.wait_stream(side)
+    for t in side_inputs:
+        if t is not None:
+            t.record_stream(side)
+    for t in last:
+        if t is not None:
+            t.record_stream(main)
+    return [*results, last]
+
+
 def _sequence(mode: str, input: Tensor, hx, params: Sequence[Tensor], has_biases: bool, num_layers: int,
               dropout: float, train: bool, bidirectional: bool, batch_first: bool, batch_sizes: Tensor | None
               ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The multi-layer recurrence: checks, then per layer and direction one fastseq::rnn_layer call (the time loop
-    runs in the backend), directions concatenated along the features, dropout between layers in training."""
+    runs in the backend; on CUDA the two directions on two streams), directions concatenated along the features,
+    dropout between layers in training."""
     _check_floating(input, "input")
     if batch_sizes is not None:
         if not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 \
@@ -498,10 +531,11 @@ def _sequence(mode: str, input: Tensor, hx, params: Sequence[Tensor], has_biases
     x = x.contiguous()
     hs, cs = [], []
     for layer in range(num_layers):
+        runs = [functools.partial(_direction, mode, x, h0[i], None if c0 is None else c0[i], layers[i], i % dirs == 1,
+                                  batch_sizes)
+                for i in range(layer * dirs, (layer + 1) * dirs)]
         ys = []
-        for d in range(dirs):
-            i = layer * dirs + d
-            y, h_n, c_n = _direction(mode, x, h0[i], None if c0 is None else c0[i], layers[i], d == 1, batch_sizes)
+        for y, h_n, c_n in _concurrently(runs, x.device, [x, h0, c0, *layers[layer * dirs + dirs - 1]]):
             ys.append(y)
             hs.append(h_n)
             cs.append(c_n)

@@ -299,6 +299,29 @@ def test_no_grad_forward_in_chunks(monkeypatch, kind, packed, chunk_steps):
         assert_close(g, w, *TOL[torch.float64], f"output {i}")
 
 
+@pytest.mark.parametrize("user_stream", [False, True])
+@pytest.mark.parametrize("backend_device", [p for p in GPU_BACKENDS if p.values[0][1] == "cuda"])
+def test_bidirectional_directions_on_two_streams(monkeypatch, backend_device, user_stream):
+    """On CUDA the reverse direction of a layer runs on a side stream, its backward too (autograd runs a backward on
+    its forward's stream), and the results equal torch's: 2 bidirectional LSTM layers with a projection, on the
+    default stream and on a stream of the caller's."""
+    backend, device = backend_device
+    streams = []
+    direction = F._direction
+    monkeypatch.setattr(F, "_direction", lambda *a: streams.append(torch.cuda.current_stream()) or direction(*a))
+    theirs, ours = _modules("lstm", 33, 64, torch.float32, num_layers=2, bidirectional=True, proj_size=16)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(50, 8, 33, generator=gen)
+    hx = _states("lstm", 2, 2, 8, 64, 16, torch.float32, gen)
+    caller = torch.cuda.Stream() if user_stream else torch.cuda.current_stream()
+    with torch.cuda.stream(caller):
+        _check_against_torch(theirs, ours, x, hx, TOL[torch.float32], backend=backend, device=device)
+    torch.cuda.synchronize()
+    assert len(streams) == 4  # forward of 2 layers x 2 directions; a backward calls no _direction
+    assert streams[0] != caller and streams[2] != caller  # the reverse direction runs first, on the side stream
+    assert streams[1] == caller and streams[3] == caller
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_unbatched(kind, batch_first):
