@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_close, assert_within_torch_error
+from conftest import assert_close, assert_within_torch_error, on_backend
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastseq
@@ -444,6 +444,28 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.skipif(fastseq.backends.unavailable_reason("cpu") is not None, reason="needs the C++ CPU backend")
+def test_cpu_large_outputs_reuse_freed_blocks():
+    """Outputs of at least 4 MiB on the CPU backend come from an allocator that keeps freed blocks for the next
+    output of the same size: a second output takes the first one's memory once that is freed, the values are right
+    both times, torch's profiler sees the allocation as one of torch's own, and the tensor resizes like any other."""
+    torch.manual_seed(0)
+    w, b = torch.randn(1024), torch.randn(1024)
+    x1, x2 = torch.randn(1024, 1024), torch.randn(1024, 1024)  # outputs of 4 MiB
+    with on_backend("cpu"):
+        y = fastseq.functional.layer_norm(x1, (1024,), w, b)
+        assert_close(y, torch.nn.functional.layer_norm(x1, (1024,), w, b), 1e-5, 1e-5, "first output")
+        first = y.data_ptr()
+        del y
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            y = fastseq.functional.layer_norm(x2, (1024,), w, b)
+    assert y.data_ptr() == first
+    assert_close(y, torch.nn.functional.layer_norm(x2, (1024,), w, b), 1e-5, 1e-5, "second output")
+    assert max(e.self_cpu_memory_usage for e in prof.events()) >= y.nbytes
+    y.resize_(2048, 1024).fill_(2.0)
+    assert y.sum().item() == 2.0 * 2048 * 1024
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
