@@ -302,9 +302,9 @@ def test_no_grad_forward_in_chunks(monkeypatch, kind, packed, chunk_steps):
 @pytest.mark.parametrize("user_stream", [False, True])
 @pytest.mark.parametrize("backend_device", [p for p in GPU_BACKENDS if p.values[0][1] == "cuda"])
 def test_bidirectional_directions_on_two_streams(monkeypatch, backend_device, user_stream):
-    """On CUDA the reverse direction of a layer runs on a side stream, its backward too (autograd runs a backward on
-    its forward's stream), and the results equal torch's: 2 bidirectional LSTM layers with a projection, on the
-    default stream and on a stream of the caller's."""
+    """On CUDA the reverse direction of a layer runs on a side stream (its backward follows, as autograd runs a
+    backward on its forward's stream), and outputs and gradients equal torch's: 2 bidirectional LSTM layers with a
+    projection, on the default stream and on a stream of the caller's."""
     backend, device = backend_device
     streams = []
     direction = F._direction
