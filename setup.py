@@ -2,6 +2,8 @@
 FASTSEQ_FORCE_CUDA=1). TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0")."""
 import glob
 import os
+import re
+import shutil
 import subprocess
 import tempfile
 
@@ -37,12 +39,48 @@ def _cpu_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
+def _is_toolkit(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit's root: CUDA_HOME/CUDA_PATH when set, else torch's guess (the parent of the folder of the
+    nvcc on PATH) when it holds include/cuda_runtime.h, else where nvcc says it lives (`nvcc -dryrun` prints its
+    own folder as _HERE_: right also when the nvcc on PATH is a wrapper script), else /usr/local/cuda."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = [cpp_extension.CUDA_HOME]
+    try:
+        out = subprocess.run(["nvcc", "-dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        here = re.search(r"^#\$ _HERE_=(.*)$", out.stdout + out.stderr, re.M)
+        if here:
+            candidates.append(os.path.dirname(here.group(1).strip()))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    candidates.append("/usr/local/cuda")
+    return next((c for c in candidates if _is_toolkit(c)), None)
+
+
 def _with_cuda() -> bool:
-    if os.environ.get("FASTSEQ_FORCE_CUDA") == "1":
-        return True
+    """True when building the CUDA kernels; points torch's extension builder at the toolkit found."""
     import torch
 
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    forced = os.environ.get("FASTSEQ_FORCE_CUDA") == "1"
+    if torch.version.cuda is None and not forced:
+        return False
+    home = _find_cuda_home()
+    if not _is_toolkit(home):
+        if not forced and cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
+            return False  # a CUDA torch on a machine without the toolkit: CPU kernels only
+        raise RuntimeError(
+            "fastseq: building the CUDA kernels needs the CUDA toolkit, but none was found: looked at CUDA_HOME and "
+            f"CUDA_PATH, torch's guess {cpp_extension.CUDA_HOME!r}, the folder `nvcc -dryrun` names and "
+            "/usr/local/cuda for include/cuda_runtime.h. Set CUDA_HOME to the toolkit's root (the folder with "
+            "bin/nvcc and include/cuda_runtime.h).")
+    os.environ["CUDA_HOME"] = home
+    cpp_extension.CUDA_HOME = home  # read by CUDAExtension and BuildExtension
+    return True
 
 
 def _extension():

@@ -3,7 +3,7 @@
 not, forward and forward+backward, bf16 on the GPU (plus an arbitrary float mask against torch's efficient backend).
 On the CPU: float32, head dim 64, sequence 512 to 2048 with 2k tokens and 4 heads, so that the suite takes about a
 minute. TFLOP/s with flash-attention's count: forward 4*b*h*s*s*d (halved when causal), backward 2.5x forward.
-On the GPU each of torch's SDPA backends (flash, efficient, cuDNN) is timed too where it runs."""
+On the GPU each of torch's SDPA backends (flash, efficient, cuDNN, math) is timed too where it runs."""
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +28,8 @@ else:
     BACKENDS = ["cpu"]
     MASKS = [None]
 CAUSAL = [False] if QUICK else [False, True]
-TORCH_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+TORCH_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                  "math": "MATH"}
 
 
 def _torch_backend(name: str):

@@ -1,7 +1,7 @@
-"""Recurrent cell steps: fastseq vs torch's cells (torch.lstm_cell / torch.gru_cell, which on CUDA already fuse the
-pointwise part) for one step at N in {1, 16, 64, 256}, H in {128, 512, 1024}, C = H, forward and forward+backward
-(gradients of the input, the state and every parameter). FLOPs count the GEMMs: 2*N*(C+H)*G*H per step (G = 4 LSTM,
-3 GRU), x3 with backward."""
+"""Recurrent cell steps: fastseq vs torch's cells (torch.lstm_cell / gru_cell / rnn_tanh_cell, which on CUDA
+already fuse the pointwise part) for one step at N in {1, 16, 64, 256}, H in {128, 512, 1024}, C = H, forward and
+forward+backward (gradients of the input, the state and every parameter). FLOPs count the GEMMs: 2*N*(C+H)*G*H per
+step (G = 4 LSTM, 3 GRU, 1 RNN), x3 with backward."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +15,8 @@ NS = [64] if QUICK else [1, 16, 64, 256]
 HS = [512] if QUICK else [128, 512, 1024]
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 BACKENDS = ["cuda", "triton"] if DEVICE == "cuda" else ["cpu"]
-CELLS = {"lstm": (4, F.lstm_cell, torch.lstm_cell), "gru": (3, F.gru_cell, torch.gru_cell)}
+CELLS = {"lstm": (4, F.lstm_cell, torch.lstm_cell), "gru": (3, F.gru_cell, torch.gru_cell),
+         "rnn_tanh": (1, F.rnn_tanh_cell, torch.rnn_tanh_cell)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,4 +1,5 @@
-"""Prints the table of a pytest-benchmark JSON file written by `make bench` / `make gpu-check`."""
+"""Prints the table of benchmark results: a pytest-benchmark JSON file (`make bench`) or a JSON-lines file of rows
+(`make gpu-check`'s bench.jsonl)."""
 from __future__ import annotations
 
 import json
@@ -8,25 +9,37 @@ COLUMNS = ["shape", "dtype", "backend", "ms", "torch_ms", "speedup", "GBps", "to
            "torch_TFLOPs", "peak_MiB", "torch_peak_MiB"]
 
 
-def main(path: str) -> int:
+def load(path: str) -> tuple[list[dict], str]:
+    """The benchmark rows ({group, name, extra_info}) and the CPU's name where the file gives it."""
     with open(path) as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()], ""
         data = json.load(f)
-    rows = []
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        rows.append([bench["group"] or bench["name"]] + [info.get(c, "") for c in COLUMNS])
+    return data["benchmarks"], data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "")
+
+
+def table(rows: list[dict], cpu: str = "") -> list[str]:
+    """The rows as aligned text lines, columns that no row fills left out, extra columns (torch's SDPA backends'
+    times and ratios) appended."""
+    extra = sorted({k for r in rows for k in r["extra_info"] if k.startswith(("torch_", "speedup_vs_"))}
+                   - set(COLUMNS))
+    columns = COLUMNS + extra
+    cells = [[str(r["group"] or r["name"])] + [r["extra_info"].get(c, "") for c in columns] for r in rows]
+    used = [i for i in range(len(columns)) if any(c[i + 1] not in ("", None) for c in cells)]
+    header = ["benchmark"] + [columns[i] for i in used]
+    text = [header] + [[c[0]] + [str(c[i + 1]) for i in used] for c in cells]
+    widths = [max(len(r[i]) for r in text) for i in range(len(header))]
+    device = rows[0]["extra_info"].get("device")
+    return [f"# {cpu} | {device} | speedup = torch_ms / ms (higher is better)"] + \
+        ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in text]
+
+
+def main(path: str) -> int:
+    rows, cpu = load(path)
     if not rows:
         print("no benchmarks in", path)
         return 1
-    used = [i for i in range(len(COLUMNS)) if any(r[i + 1] not in ("", None) for r in rows)]
-    header = ["benchmark"] + [COLUMNS[i] for i in used]
-    table = [header] + [[str(r[0])] + [str(r[i + 1]) for i in used] for r in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    machine = data.get("machine_info", {})
-    device = data["benchmarks"][0]["extra_info"].get("device")
-    print(f"# {machine.get('cpu', {}).get('brand_raw', '')} | {device} | speedup = torch_ms / ms (higher is better)")
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print("\n".join(table(rows, cpu)))
     return 0
 
 

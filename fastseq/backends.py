@@ -44,6 +44,25 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+@functools.cache
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run fastseq's kernels with the installed packages, or None. The one place
+    where a difference between versions of torch, Triton or numpy is handled: Triton before 3.7 turns a computed
+    loop bound into an int with int() of a 1-element array, which numpy 2.4 refuses ("only 0-dimensional arrays
+    can be converted to Python scalars"), so every kernel with such a loop fails in the interpreter."""
+    import numpy
+    import triton
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter needs numpy < 2.4 (numpy {numpy.__version__} is "
+                "installed): pip install 'numpy<2.4', or triton>=3.7")
+    return None
+
+
 def unavailable_reason(name: str) -> str | None:
     """Why backend `name` cannot run here, or None when it can."""
     if name not in BACKENDS:
@@ -60,8 +79,10 @@ def unavailable_reason(name: str) -> str | None:
     if name == "triton":
         if not _has_triton():
             return "triton is not installed"
-        if not torch.cuda.is_available() and not triton_interpreting():
-            return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+        if not torch.cuda.is_available():
+            if not triton_interpreting():
+                return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+            return _interpreter_problem()
     return None
 
 

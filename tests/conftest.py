@@ -17,22 +17,31 @@ import pytest  # noqa: E402
 import fastseq  # noqa: E402
 from fastseq import backends  # noqa: E402
 
-# (backend, device) pairs that run here; GPU pairs carry the `gpu` mark.
+# (backend, device) pairs. GPU pairs carry the `gpu` mark and are skipped, with the reason, where they cannot run, so
+# that every GPU case is counted (`pytest --co -m gpu`) and none passes without running. The interpreter pair runs
+# wherever Triton is installed and TRITON_INTERPRET=1: where the interpreter cannot run it fails with the reason.
 _PAIRS = [("cpu", "cpu"), ("cuda", "cuda"), ("triton", "cuda"), ("triton", "cpu"), ("reference", "cpu")]
 
 
-def _runs(backend: str, device: str) -> bool:
-    if backends.unavailable_reason(backend) is not None:
-        return False
+def _skip_reason(backend: str, device: str) -> str | None:
     if device == "cuda":
-        return torch.cuda.is_available()
-    return backend != "triton" or backends.triton_interpreting()
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return backends.unavailable_reason(backend)
+    if backend == "triton":
+        return None if backends._has_triton() and backends.triton_interpreting() else "Triton's interpreter is off"
+    return backends.unavailable_reason(backend)
 
 
-BACKEND_PARAMS = [
-    pytest.param((b, d), id=f"{b}-{d}", marks=[pytest.mark.gpu] if d == "cuda" else [])
-    for b, d in _PAIRS if _runs(b, d)
-]
+def _param(backend: str, device: str):
+    reason = _skip_reason(backend, device)
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    if reason is not None:
+        marks.append(pytest.mark.skip(reason=f"{backend}-{device}: {reason}"))
+    return pytest.param((backend, device), id=f"{backend}-{device}", marks=marks)
+
+
+BACKEND_PARAMS = [_param(b, d) for b, d in _PAIRS if d == "cuda" or _skip_reason(b, d) is None]
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

@@ -151,6 +151,7 @@ def test_large_inputs_saturate_without_nan(backend_device, kind):
         _compare(kind, backend, device, dtype, _inputs(kind, 7, 16, 33, x_scale=50.0, seed=2))
 
 
+@pytest.mark.sanitize
 def test_non_contiguous_inputs_and_weights(backend_device):
     backend, device = backend_device
     x = torch.randn(12, 22, device=device)[::2, ::2]  # (6, 11), strided

@@ -251,6 +251,7 @@ def test_cpu_time_loop_in_one_parallel_region(kind, packed, reverse, threads):
         assert_close(g, w, 1e-4, 1e-4, f"grad {i}")
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("enforce_sorted", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend, device, dtype", _backend_cases([FAST]))
