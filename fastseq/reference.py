@@ -144,7 +144,8 @@ def sdpa_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, 
     """q (B, Hq, L, E), k (B, Hk, S, E) with Hq a multiple of Hk (query head h reads key head h // (Hq // Hk)),
     attn_mask additive, broadcastable to (B, Hq, L, S). Returns p = softmax(s) and lse = logsumexp(s) over the keys,
     s = q k^T * scale + mask (-inf above the top-left diagonal when is_causal); a row with no visible key has p = 0
-    and lse = -inf. Computed in float32 (float64 for float64); differentiable without NaN."""
+    and lse = -inf; a NaN or +inf score makes its row NaN (as torch's softmax). Computed in float32 (float64 for
+    float64); differentiable without NaN for finite inputs."""
     cd = _compute_dtype(q)
     kc = k.to(cd) if k.dim() < 3 else k.to(cd).repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     s = q.to(cd) @ kc.transpose(-1, -2) * scale
@@ -154,7 +155,7 @@ def sdpa_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, 
         L, S = s.shape[-2], s.shape[-1]
         s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
     m = s.detach().amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # a +inf or NaN score makes the row NaN, as softmax
     e = torch.exp(s - m)
     den = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(den == 0, torch.ones_like(den), den)

@@ -213,7 +213,9 @@ def rnn_layer_fwd(mode: str, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
             if lstm:
                 c_n[d:n] = c_seq[off + d:off + n]
     saved = [y.clone()] + [t for t in (gates, c_seq, h_raw) if t is not None]
-    return (y if batch_sizes is not None else y.view(x.shape[0], L.n, L.hout)), h_n, c_n, saved
+    if batch_sizes is None:
+        y.resize_(x.shape[0], L.n, L.hout)  # in place: a view would refuse in-place use of the output
+    return y, h_n, c_n, saved
 
 
 def rnn_layer_bwd(mode: str, dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor | None, x: torch.Tensor,

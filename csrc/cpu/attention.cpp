@@ -323,7 +323,7 @@ void fwd_kernel(const FwdArgs<T>& a) {
           score_row<T>(s, n, npad, a.scale, a.mask.p ? a.mask.at(b, h, i) + j0 * a.mask.s3 : nullptr, a.mask.s3,
                        a.causal, i, j0);
           const T mx = at::vec::reduce_all<T>([](V& x, V& y) { return at::vec::maximum(x, y); }, s, npad);
-          const T m_new = std::max(m[r], mx);
+          const T m_new = std::isnan(mx) ? mx : std::max(m[r], mx);  // a NaN score (or an earlier one) sticks
           if (m_new == neg_inf) {  // nothing visible yet in this row
             std::fill(s, s + npad, T(0));
             continue;
@@ -353,9 +353,10 @@ void fwd_kernel(const FwdArgs<T>& a) {
       for (const auto r : c10::irange(M)) {
         const int64_t row = (b * g.Hq + h) * g.L + i0 + r;
         T* o = a.out + row * g.Ev;
-        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+        // l = 0: no visible key (out 0, lse -inf); l NaN: a NaN score (out and lse NaN, as torch gives)
+        const T inv = l[r] == T(0) ? T(0) : T(1) / l[r];
         at::vec::map([inv](V x) { return x * V(inv); }, o, acc.data() + r * g.Ev, g.Ev);
-        a.lse[row] = l[r] > T(0) ? m[r] + std::log(l[r]) : neg_inf;
+        a.lse[row] = l[r] == T(0) ? neg_inf : m[r] + std::log(l[r]);
       }
     }
   });
@@ -423,8 +424,8 @@ void bwd_kernel(const BwdArgs<T>& a) {
               const int64_t i = i0 + r;
               T* s = pbuf.data() + r * kBN;
               const T lse = a.lse[row0 + r];
-              if (lse == neg_inf) {
-                std::fill(s, s + npad, T(0));
+              if (!std::isfinite(lse)) {  // no visible key (-inf): P = 0; a NaN or +inf score: P NaN, as in softmax
+                std::fill(s, s + npad, lse == neg_inf ? T(0) : std::numeric_limits<T>::quiet_NaN());
                 continue;
               }
               score_row<T>(s, n, npad, a.scale, a.mask.p ? a.mask.at(b, h, i) + j0 * a.mask.s3 : nullptr,

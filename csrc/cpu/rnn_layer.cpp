@@ -561,8 +561,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
   if (lstm || gru) saved.push_back(gates);
   if (lstm) saved.push_back(c_all);
   if (L.proj) saved.push_back(h_raw);
-  at::Tensor y_out = S.packed ? y : y.view({S.T, L.N, Hout});
-  return {y_out, h_n, c_n, saved};
+  if (!S.packed) y.resize_({S.T, L.N, Hout});  // (T, N, Hout) in place: a view would refuse in-place use of y
+  return {y, h_n, c_n, saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_bwd(

@@ -297,9 +297,10 @@ __global__ void __launch_bounds__(BM * 2, (D == 64 && BM == 64 && std::is_void_v
     float l = row_sum[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    // l = 0: no visible key (out 0, lse -inf); l NaN: a NaN score or value (out and lse NaN, as torch gives)
+    inv[r] = l == 0.f ? 0.f : 1.f / l;
     const int row = r0 + attn::mma_c_row(lane, 2 * r);
-    if ((lane & 3) == 0 && row < L) p.lse[bh * L + row] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : -INFINITY;
+    if ((lane & 3) == 0 && row < L) p.lse[bh * L + row] = l == 0.f ? -INFINITY : (row_max[r] + log2f(l)) * kLn2;
   }
   cp_async_wait_all();
   __syncthreads();  // the Q tile's shared memory is free (only this warp reads its 16 rows from here on)

@@ -44,7 +44,7 @@ def _forward(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias
         y, mean, rstd = tk.layer_norm_fwd(x2, w, b, eps)
     else:
         y, mean, rstd = reference.layer_norm_forward(x2, w, b, eps)
-    return y.view(x.shape), mean, rstd
+    return y.resize_(x.shape), mean, rstd  # in place: a view of y would refuse in-place use of the output
 
 
 layer_norm = torch.library.custom_op("fastseq::layer_norm", _forward, mutates_args=())

@@ -164,7 +164,8 @@ def _lstm_setup_context(ctx, inputs, output):
     _, cy, workspace = output
     ctx.backend = _select("lstm_cell", x)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, peephole, cy, workspace)
+    # a copy of cy, so that the caller may change cy in place (as torch's LSTMCell allows)
+    ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, peephole, cy.clone(), workspace)
 
 
 def _lstm_backward(ctx, dhy, dcy, _dworkspace):

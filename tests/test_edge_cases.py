@@ -1,0 +1,155 @@
+"""Torch's behaviour on hostile inputs, as regression tests: a swap to fastseq never changes a result silently.
+Each test runs torch.nn and fastseq (same weights) on the same input and asserts the same outcome: both raise, or
+the same outputs and gradients. On every backend that runs here (the C++ CPU kernels, Triton in the interpreter)."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import BACKEND_PARAMS, assert_close, on_backend
+
+import fastseq
+
+CPU_BACKENDS = [p for p in BACKEND_PARAMS if p.values[0][1] == "cpu"]
+
+
+def _outcome(fn):
+    """("ok", grads) or ("error", the exception's type)."""
+    try:
+        return "ok", fn()
+    except RuntimeError as e:
+        return "error", type(e)
+
+
+def _module_pair(name: str, *args, **kwargs):
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, name)(*args, **kwargs)
+    ours = getattr(fastseq.nn, name)(*args, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+# ------------------------------------------------------------------------------------- in-place use of outputs
+def _changed_outputs_grads(module, make_input, pick, backend=None, inplace=True):
+    """Gradients of the input and every parameter of a loss over `pick(outputs)` after each is changed by +1, in
+    place (`t.add_(1)`) or not."""
+    def run():
+        torch.manual_seed(1)
+        x = make_input().requires_grad_()
+        with on_backend(backend) if backend else contextlib.nullcontext():
+            outs = module(x)
+        changed = [t.add_(1) if inplace else t + 1 for t in pick(outs)]
+        loss = sum((t * torch.linspace(0.5, 1.5, t.numel()).view(t.shape)).sum() for t in changed)
+        return torch.autograd.grad(loss, [x, *module.parameters()])
+    return run
+
+
+INPLACE_CASES = {
+    "LayerNorm": (("LayerNorm", 8), lambda: torch.randn(3, 4, 8), lambda y: [y]),
+    "LSTM-output": (("LSTM", 8, 5), lambda: torch.randn(4, 2, 8), lambda r: [r[0]]),
+    "LSTM-batch_first-c_n": (("LSTM", 8, 5, 1, True, True), lambda: torch.randn(2, 4, 8), lambda r: [r[0], r[1][1]]),
+    "GRU-output-h_n": (("GRU", 8, 5), lambda: torch.randn(4, 2, 8), lambda r: [r[0], r[1]]),
+    "RNN-output": (("RNN", 8, 5), lambda: torch.randn(4, 2, 8), lambda r: [r[0]]),
+    "LSTMCell-h-c": (("LSTMCell", 8, 5), lambda: torch.randn(2, 8), lambda r: list(r)),
+    "LSTMCell-unbatched": (("LSTMCell", 8, 5), lambda: torch.randn(8), lambda r: list(r)),
+    "GRUCell": (("GRUCell", 8, 5), lambda: torch.randn(2, 8), lambda r: [r]),
+    "RNNCell": (("RNNCell", 8, 5), lambda: torch.randn(2, 8), lambda r: [r]),
+}
+
+
+@pytest.mark.parametrize("case", list(INPLACE_CASES))
+@pytest.mark.parametrize("backend_device", CPU_BACKENDS)
+def test_outputs_changed_in_place_like_torch(backend_device, case):
+    """Residual code changes outputs in place (`y += x`). Where torch allows it fastseq does, with torch's
+    gradients; where torch refuses (its LSTM and RNNCell save their outputs) fastseq refuses too or gives the
+    gradients of the same change made out of place."""
+    backend, _ = backend_device
+    (name, *args), make_input, pick = INPLACE_CASES[case]
+    ours, theirs = _module_pair(name, *args)
+    kind, got = _outcome(_changed_outputs_grads(ours, make_input, pick, backend))
+    torch_kind, _ = _outcome(_changed_outputs_grads(theirs, make_input, pick))
+    if torch_kind == "ok":
+        assert kind == "ok", f"torch allows changing the outputs in place, fastseq raised {got}"
+    if kind == "ok":
+        want = _changed_outputs_grads(theirs, make_input, pick, inplace=False)()
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, 1e-5, 1e-5, f"gradient {i}")
+
+
+# ------------------------------------------------------------------------------------------- NaN and inf, attention
+def _same_nan_and_values(name, got, want, atol, rtol):
+    assert torch.equal(got.isnan().cpu(), want.isnan().cpu()), \
+        f"{name}: NaN at {int(got.isnan().sum())} places, torch at {int(want.isnan().sum())}"
+    assert_close(got.nan_to_num(), want.nan_to_num(), atol, rtol, name)
+
+
+def _math_sdpa(q, k, v, **kw):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+
+
+SPECIALS = {  # where a special value goes: (tensor, index); S = the key length
+    "nan-q": ("q", (0, 0, 1, 2), float("nan")), "nan-k0": ("k", (0, 0, 0, 1), float("nan")),
+    "nan-k2": ("k", (0, 1, 2, 1), float("nan")), "nan-k-last": ("k", (1, 0, -1, 0), float("nan")),
+    "nan-v": ("v", (0, 1, 3, 0), float("nan")), "nan-mask": ("mask", (1, 3), float("nan")),
+    "inf-k": ("k", (0, 0, 1, 1), float("inf")), "-inf-k": ("k", (1, 1, -2, 3), float("-inf")),
+}
+
+
+@pytest.mark.parametrize("special", list(SPECIALS))
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_attention_nan_and_inf_propagate_like_torch(backend_device, special):
+    """A NaN or inf anywhere in q, k, v or a float mask reaches the same outputs and gradients as in torch's math
+    attention (float64), whichever key block it falls in; the rest stays finite and right."""
+    backend, device = backend_device
+    interp = backend == "triton" and device == "cpu"
+    S = 40 if interp else 200  # several key blocks on every backend
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    E = 64 if backend == "cuda" else 8
+    g = torch.Generator().manual_seed(0)
+    t = {"q": torch.randn(2, 2, 5, E, generator=g), "k": torch.randn(2, 2, S, E, generator=g),
+         "v": torch.randn(2, 2, S, E, generator=g), "mask": torch.zeros(5, S)}
+    where, index, value = SPECIALS[special]
+    t[where][index] = value
+    mask = t["mask"] if where == "mask" else None
+    leaves = [t[n].to(device, dtype).requires_grad_() for n in ("q", "k", "v")]
+    with on_backend(backend):
+        out = fastseq.functional.scaled_dot_product_attention(*leaves, attn_mask=None if mask is None else
+                                                              mask.to(device, dtype))
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out)) if backend != "cuda" else ()
+    ref_leaves = [t[n].double().requires_grad_() for n in ("q", "k", "v")]
+    ref = _math_sdpa(*ref_leaves, attn_mask=None if mask is None else mask.double())
+    ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
+    tol = 2e-2 if dtype == torch.float16 else 1e-4
+    _same_nan_and_values("out", out, ref, tol, tol)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _same_nan_and_values(name, got, want, tol, tol)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("case", ["nan-key", "fully-masked-batch", "fully-masked-rows"])
+def test_multihead_attention_nan_and_masked_rows_like_torch(case, need_weights, mode):
+    """torch gives NaN for a NaN key, and for fully masked rows when it computes the weights (need_weights=True;
+    its fused path gives 0 otherwise): the same outputs and weights here."""
+    ours, theirs = _module_pair("MultiheadAttention", 8, 2, batch_first=True)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 5, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    kw = {}
+    if case == "nan-key":
+        k[0, 3, 1] = float("nan")
+    elif case == "fully-masked-batch":
+        kw["key_padding_mask"] = torch.tensor([[True] * 6, [False] * 6])
+    else:
+        kw["attn_mask"] = torch.tensor([[True] * 6] + [[False] * 6] * 4)
+    for m in (ours, theirs):
+        m.train(mode == "train")
+    with torch.no_grad():
+        got, got_w = ours(q, k, k, need_weights=need_weights, **kw)
+        want, want_w = theirs(q, k, k, need_weights=need_weights, **kw)
+    _same_nan_and_values("out", got, want, 1e-5, 1e-5)
+    if need_weights:
+        _same_nan_and_values("weights", got_w, want_w, 1e-5, 1e-5)
