@@ -15,11 +15,20 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 def layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """x (M, N) -> y (M, N), mean (M,), rstd (M,):  y = (x - mean) * rstd * weight + bias,
-    mean = sum_j x_j / N, rstd = 1 / sqrt(sum_j (x_j - mean)^2 / N + eps)."""
+    mean = sum_j x_j / N, rstd = 1 / sqrt(sum_j (x_j - mean)^2 / N + eps). A row of finite x whose sums overflow
+    is computed as x / s (s = 2^floor(log2 max|x|)): mean = s mean(x/s), rstd = 1 / (s sqrt(var(x/s) + eps/s^2))."""
     xc = x.to(_compute_dtype(x))
     mean = xc.mean(dim=-1)
     var = (xc - mean[:, None]).square().mean(dim=-1)
     rstd = torch.rsqrt(var + eps)
+    overflow = ~(torch.isfinite(mean) & torch.isfinite(var)) & torch.isfinite(xc).all(dim=-1)
+    if overflow.any():
+        s = torch.where(overflow, torch.exp2(torch.floor(torch.log2(xc.detach().abs().amax(dim=-1)))), 1.0)
+        xs = xc / s[:, None]
+        ms = xs.mean(dim=-1)
+        vs = (xs - ms[:, None]).square().mean(dim=-1)
+        mean = torch.where(overflow, ms * s, mean)
+        rstd = torch.where(overflow, 1.0 / (s * torch.sqrt(vs + eps / (s * s))), rstd)
     y = (xc - mean[:, None]) * rstd[:, None]
     if weight is not None:
         y = y * weight.to(xc.dtype)

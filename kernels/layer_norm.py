@@ -33,6 +33,31 @@ _REDUCE_BLOCK_N = 64
 
 
 @triton.jit
+def _scaled_stats(X, N, eps, offs, BLOCK_N: tl.constexpr):
+    """mean, rstd of a row whose sums overflow although its x are finite: the statistics of x / s with
+    s = 2^floor(log2 max|x|) (exact), scaled back; NaN when the row holds inf or NaN (as torch gives)."""
+    amax = 0.0
+    for start in range(0, N, BLOCK_N):
+        x = tl.load(X + start + offs, mask=start + offs < N, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0), propagate_nan=tl.PropagateNan.ALL)
+    s = tl.math.exp2(tl.floor(tl.math.log2(amax)))
+    total = 0.0
+    for start in range(0, N, BLOCK_N):
+        x = tl.load(X + start + offs, mask=start + offs < N, other=0.0).to(tl.float32)
+        total += tl.sum(x / s, axis=0)
+    ms = total / N
+    m2 = 0.0
+    for start in range(0, N, BLOCK_N):
+        mask = start + offs < N
+        x = tl.load(X + start + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x / s - ms, 0.0)
+        m2 += tl.sum(d * d, axis=0)
+    rstd = 1.0 / (s * tl.sqrt(m2 / N + eps / (s * s)))
+    finite = amax < float("inf")
+    return tl.where(finite, ms * s, float("nan")), tl.where(finite, rstd, float("nan"))
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     X,  # (M, N) row stride stride_x, x.dtype
     Y,  # (M, N) row stride stride_y, x.dtype
@@ -69,6 +94,8 @@ def _layer_norm_fwd_kernel(
             mean += delta * (n_b / n)
             m2 += tl.sum(d * d, axis=0) + delta * delta * (start * (n_b / n))
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        if m2 == float("inf") or mean != mean:  # a sum overflowed (or inf/NaN in the row)
+            mean, rstd = _scaled_stats(X, N, eps, offs, BLOCK_N)
         for start in range(0, N, BLOCK_N):
             cols = start + offs
             mask = cols < N
@@ -84,7 +111,11 @@ def _layer_norm_fwd_kernel(
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=0) / N
         xc = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        var = tl.sum(xc * xc, axis=0) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if var == float("inf"):  # a sum overflowed (or inf in the row): statistics of the scaled row
+            mean, rstd = _scaled_stats(X, N, eps, offs, BLOCK_N)
+            xc = tl.where(mask, x - mean, 0.0)
         y = xc * rstd
         if HAS_WEIGHT:
             y *= tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)

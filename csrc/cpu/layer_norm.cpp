@@ -11,6 +11,7 @@
 #include <c10/util/irange.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "cpu/memory.h"
@@ -66,14 +67,32 @@ A row_sum(const A* x1, const A* x2, int64_t N, const F& f) {
 }
 
 // mean and 1/sqrt(var + eps) of one row x (N,): the exact mean first, then the squared deviations from it
-// (two passes over a row that stays in cache; robust to a large mean).
+// (two passes over a row that stays in cache; robust to a large mean). When a sum overflows although every x is
+// finite (|x| beyond ~1e19 in float32), the statistics are taken of x / s, s = 2^floor(log2 max|x|) (exact), and
+// scaled back: mean = s mean(x/s), rstd = 1 / (s sqrt(var(x/s) + eps / s^2)), the right answer where torch gives
+// NaN. A row holding inf or NaN gives NaN, as torch does.
 template <typename A>
 void row_stats(const A* x, int64_t N, double eps, A& mean, A& rstd) {
   using V = Vectorized<A>;
-  mean = row_sum<A>(x, x, N, [](auto a, auto) { return a; }) / static_cast<A>(N);
+  const A n = static_cast<A>(N);
+  mean = row_sum<A>(x, x, N, [](auto a, auto) { return a; }) / n;
   const A m = mean;
   const A ssq = row_sum<A>(x, x, N, [m](auto a, auto) { const auto d = a - decltype(a)(m); return d * d; });
-  rstd = A(1) / std::sqrt(ssq / static_cast<A>(N) + static_cast<A>(eps));
+  rstd = A(1) / std::sqrt(ssq / n + static_cast<A>(eps));
+  if (std::isfinite(mean) && std::isfinite(ssq)) return;
+  const A amax = at::vec::reduce_all<A>([](V& a, V& b) { return at::vec::maximum(a.abs(), b.abs()); }, x, N);
+  if (!std::isfinite(amax)) {  // inf or NaN in the row
+    rstd = std::numeric_limits<A>::quiet_NaN();
+    return;
+  }
+  const A s = std::exp2(std::floor(std::log2(amax))), inv = A(1) / s;
+  const A ms = row_sum<A>(x, x, N, [inv](auto a, auto) { return a * decltype(a)(inv); }) / n;
+  const A ssq_s = row_sum<A>(x, x, N, [inv, ms](auto a, auto) {
+    const auto d = a * decltype(a)(inv) - decltype(a)(ms);
+    return d * d;
+  });
+  mean = ms * s;
+  rstd = A(1) / (s * std::sqrt(ssq_s / n + static_cast<A>(eps) * inv * inv));
 }
 
 template <typename T>

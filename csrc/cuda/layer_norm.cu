@@ -118,6 +118,11 @@ __device__ __forceinline__ void group_sum(float (&v)[K], float* red) {
 // ---------------------------------------------------------------------------------------------------------------
 // Forward
 
+// 1 / sqrt(var + eps); NaN where the sum of squares overflowed (var = inf), as torch gives, not 0.
+__device__ __forceinline__ float row_rstd(float var, float eps) {
+  return isinf(var) ? __int_as_float(0x7fc00000) : rsqrtf(var + eps);
+}
+
 // Row held in registers: requires N % VEC == 0, 16-byte aligned rows and N <= blockDim.x * NV * VEC.
 // grid.x = ceil(M / blockDim.y).
 template <typename T, int VEC, int NV>
@@ -165,7 +170,7 @@ __global__ void __launch_bounds__(1024, 1) ln_fwd_reg_kernel(const T* __restrict
     }
   }
   group_sum(q, red);
-  const float rs = rsqrtf(q[0] / N + eps);
+  const float rs = row_rstd(q[0] / N, eps);
 
   if (!active) return;  // no barrier below
   if (threadIdx.x == 0) {
@@ -226,7 +231,7 @@ __global__ void __launch_bounds__(1024, 1) ln_fwd_loop_kernel(const T* __restric
     }
   }
   group_sum(q, red);
-  const float rs = rsqrtf(q[0] / N + eps);
+  const float rs = row_rstd(q[0] / N, eps);
 
   if (!active) return;  // no barrier below
   if (threadIdx.x == 0) {
