@@ -182,3 +182,76 @@ def test_layer_norm_of_huge_inputs_is_never_finite_and_wrong(backend_device, n, 
     else:
         assert_close(y, exact, tol, tol, "y")
         assert torch.isfinite(dx).all()
+
+
+# ---------------------------------------------------------------------------------------------- double backward
+def _double_backward_cases():
+    """name -> (module name, constructor args, input shape); the modules' outputs feed a gradient penalty."""
+    return {
+        "LSTMCell": ("LSTMCell", (4, 3), (2, 4)), "GRUCell": ("GRUCell", (4, 3), (2, 4)),
+        "RNNCell": ("RNNCell", (4, 3), (2, 4)), "LayerNorm": ("LayerNorm", (4,), (2, 3, 4)),
+        "LSTM-proj-bi": ("LSTM", (4, 3, 2, True, False, 0.0, True, 2), (3, 2, 4)),
+        "GRU": ("GRU", (4, 3), (3, 2, 4)), "RNN-relu": ("RNN", (4, 3, 1, "relu"), (3, 2, 4)),
+        "MultiheadAttention": ("MultiheadAttention", (4, 2), (3, 2, 4)),
+    }
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("case", list(_double_backward_cases()))
+@pytest.mark.parametrize("backend_device", CPU_BACKENDS)
+def test_gradient_penalty_like_torch(backend_device, case):
+    """g = d(sum(out * w))/dx with create_graph=True, then (g^2).sum().backward(): x.grad and every parameter's
+    grad as torch's (second derivatives through every op)."""
+    backend, _ = backend_device
+    name, args, shape = _double_backward_cases()[case]
+    ours, theirs = _module_pair(name, *args)
+    results = []
+    for module, ctx in ((ours, on_backend(backend)), (theirs, contextlib.nullcontext())):
+        torch.manual_seed(3)
+        x = torch.randn(*shape, requires_grad=True)
+        with ctx:
+            out = _first_output(module(x, x, x) if name == "MultiheadAttention" else module(x))
+            w = torch.linspace(-1, 1, out.numel()).view(out.shape)
+            g, = torch.autograd.grad((out * w).sum(), x, create_graph=True)
+            g.pow(2).sum().backward()
+        results.append([x.grad, *(p.grad for p in module.parameters())])
+    for i, (got, want) in enumerate(zip(*results, strict=True)):
+        if want is None:
+            assert got is None or got.abs().max() == 0, f"grad {i}: torch has none"
+        else:
+            assert got is not None, f"grad {i} missing"
+            assert_close(got, want, 2e-5, 2e-4, f"grad {i}")
+
+
+def _gradgradcheck_ops():
+    F = fastseq.functional
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x, h, c = r(2, 3), r(2, 4), r(2, 4)
+    w4, u4, b4 = r(16, 3), r(16, 4), r(16)
+    w3, u3, b3 = r(12, 3), r(12, 4), r(12)
+    w1, u1, b1 = r(4, 3), r(4, 4), r(4)
+    q, k, v, mask = r(1, 2, 3, 4), r(1, 2, 5, 4), r(1, 2, 5, 4), r(3, 5)
+    seq = r(3, 2, 3)
+    return {
+        "lstm_cell": (lambda *a: torch.cat(F.lstm_cell(a[0], (a[1], a[2]), *a[3:]), 1), (x, h, c, w4, u4, b4, b4)),
+        "gru_cell": (F.gru_cell, (x, h, w3, u3, b3, b3)),
+        "rnn_tanh_cell": (F.rnn_tanh_cell, (x, h, w1, u1, b1, b1)),
+        "layer_norm": (lambda x, w, b: F.layer_norm(x, (4,), w, b), (r(3, 4), r(4), r(4))),
+        "sdpa": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (q, k, v, mask)),
+        "sdpa-causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
+        "lstm": (lambda x, *p: F.lstm(x, None, p, True, 1, 0.0, False, False, False)[0], (seq, w4, u4, b4, b4)),
+        "gru": (lambda x, *p: F.gru(x, None, p, True, 1, 0.0, False, False, False)[0], (seq, w3, u3, b3, b3)),
+    }
+
+
+@pytest.mark.parametrize("op", list(_gradgradcheck_ops()))
+def test_gradgradcheck_float64(op):
+    """Second derivatives of every op against finite differences (torch.autograd.gradgradcheck, float64, the C++
+    CPU backend where it is built)."""
+    fn, inputs = _gradgradcheck_ops()[op]
+    with fastseq.backend("cpu"):
+        assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -45,3 +45,24 @@ def backward_op(ctx, op, impl: Callable) -> Callable:
     """What an autograd formula calls for its fused backward: the backward custom op `op` when the custom op's own
     autograd runs (torch.compile, opcheck), its implementation `impl` directly in the eager fast path."""
     return impl if getattr(ctx, "fastseq_eager", False) else op
+
+
+def differentiable_grads(fn: Callable, inputs: list, needs, grads: list) -> list:
+    """The backward under create_graph=True (a double backward follows, e.g. a gradient penalty): the gradients
+    of fn(*inputs), the reference in differentiable torch operations, with respect to the inputs whose `needs`
+    entry is true (None elsewhere), as a graph of its own reaching back to `inputs` (the forward's own tensors) and
+    to `grads` (the gradients of fn's outputs; None counts as zeros), so that second derivatives are right."""
+    with torch.enable_grad():
+        outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
+    wanted = [i for i, (t, n) in enumerate(zip(inputs, needs)) if n and isinstance(t, torch.Tensor)
+              and t.requires_grad]
+    result: list = [None] * len(inputs)
+    if not pairs or not wanted:
+        return result
+    got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                              create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, got):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return result

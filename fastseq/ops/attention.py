@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._dispatch import call, eager_function
+from ._dispatch import call, differentiable_grads, eager_function
 
 OP = "scaled_dot_product_attention"
 DTYPES = {
@@ -181,6 +181,13 @@ def _backward_with(backward_op):
 
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, attn_mask, rng = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
+            if ctx.dropout_p > 0.0:
+                raise NotImplementedError("fastseq: the double backward (create_graph=True) of attention with "
+                                          f"dropout_p > 0 is not implemented (dropout_p={ctx.dropout_p})")
+            fn = lambda q, k, v, m: reference.sdpa_forward(q, k, v, m, ctx.is_causal, ctx.scale)[0]  # noqa: E731
+            return (*differentiable_grads(fn, [q, k, v, attn_mask], ctx.needs_input_grad[:4], [dout]),
+                    None, None, None, None)
         need_dmask = attn_mask is not None and ctx.needs_input_grad[3]
         dq, dk, dv, ds = backward_op(dout, q, k, v, out, lse, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p,
                                      rng, need_dmask)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._dispatch import backward_op, call, eager_function
+from ._dispatch import backward_op, call, differentiable_grads, eager_function
 
 DTYPES = {
     "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
@@ -87,15 +87,20 @@ def _(dy, x, normalized_shape, weight, mean, rstd, need_dweight, need_dbias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, normalized_shape, weight, bias, _ = inputs
+    x, normalized_shape, weight, bias, eps = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.normalized_shape = normalized_shape
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.normalized_shape, ctx.eps = normalized_shape, eps
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
+        fn = lambda x, w, b: reference.layer_norm(x, ctx.normalized_shape, w, b, ctx.eps)  # noqa: E731
+        n = ctx.needs_input_grad
+        dx, dw, db = differentiable_grads(fn, [x, weight, bias], [n[0], n[2], n[3]], [dy])
+        return dx, None, dw, db, None
     need_dw = weight is not None and ctx.needs_input_grad[2]
     need_db = ctx.has_bias and ctx.needs_input_grad[3]
     bwd = backward_op(ctx, layer_norm_backward, _backward_impl)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._dispatch import backward_op, call, eager_function
+from ._dispatch import backward_op, call, differentiable_grads, eager_function
 
 DTYPES = {
     "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
@@ -170,6 +170,10 @@ def _lstm_setup_context(ctx, inputs, output):
 
 def _lstm_backward(ctx, dhy, dcy, _dworkspace):
     x, h, c, w_ih, w_hh, b_ih, b_hh, peephole, cy, workspace = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
+        fn = lambda x, h, c, *params: reference.lstm_cell(x, (h, c), *params)  # noqa: E731
+        return tuple(differentiable_grads(fn, [x, h, c, w_ih, w_hh, b_ih, b_hh, peephole], ctx.needs_input_grad,
+                                          [dhy, dcy]))
     dhy, dcy = _grad(dhy, cy), _grad(dcy, cy)
     if ctx.backend == "reference":
         fn = lambda x, h, c, *params: reference.lstm_cell(x, (h, c), *params)  # noqa: E731
@@ -240,6 +244,9 @@ def _gru_setup_context(ctx, inputs, output):
 
 def _gru_backward(ctx, dhy, _dworkspace):
     x, h, w_ih, w_hh, b_ih, b_hh, workspace = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
+        return tuple(differentiable_grads(reference.gru_cell, [x, h, w_ih, w_hh, b_ih, b_hh], ctx.needs_input_grad,
+                                          [dhy]))
     dhy = _grad(dhy, h)
     if ctx.backend == "reference":
         return tuple(_reference_grads(reference.gru_cell, [x, h, w_ih, w_hh, b_ih, b_hh], [dhy]))
@@ -304,6 +311,9 @@ def _rnn_setup_context(ctx, inputs, output):
 
 def _rnn_backward(ctx, dhy):
     x, h, w_ih, w_hh, b_ih, b_hh, hy = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
+        fn = lambda *args: reference.rnn_cell(*args, nonlinearity=ctx.nonlinearity)  # noqa: E731
+        return (*differentiable_grads(fn, [x, h, w_ih, w_hh, b_ih, b_hh], ctx.needs_input_grad, [dhy]), None)
     if ctx.backend == "reference":
         fn = lambda *args: reference.rnn_cell(*args, nonlinearity=ctx.nonlinearity)  # noqa: E731
         return (*_reference_grads(fn, [x, h, w_ih, w_hh, b_ih, b_hh], [dhy]), None)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._dispatch import call, eager_function
+from ._dispatch import call, differentiable_grads, eager_function
 
 DTYPES = {
     "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
@@ -153,6 +153,10 @@ def _backward_with(backward_op):
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
         dc_n = None if not lstm or dc_n is None else dc_n.contiguous()
         inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
+        if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
+            fn = lambda *t: reference.rnn_layer(ctx.mode, *t, ctx.reverse, batch_sizes)  # noqa: E731
+            grads = differentiable_grads(fn, inputs, ctx.needs_input_grad[1:9], [dy, dh_n, dc_n])
+            return (None, *grads, None, None)
         if ctx.backend != "reference":
             grads = backward_op(ctx.mode, dy, dh_n, dc_n, *inputs, ctx.reverse, batch_sizes, *saved, ctx.backend)
         else:
