@@ -137,13 +137,20 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
     (biased variance), as torch.nn.functional.layer_norm."""
     _check_floating(input, "input")
     shape = [normalized_shape] if isinstance(normalized_shape, numbers.Integral) else list(normalized_shape)
-    if not shape or any(not isinstance(s, numbers.Integral) or s <= 0 for s in shape):
-        raise ShapeError(f"normalized_shape must be a non-empty sequence of positive ints, got {normalized_shape}")
+    if not shape or any(not isinstance(s, numbers.Integral) or s < 0 for s in shape):
+        raise ShapeError(f"normalized_shape must be a non-empty sequence of ints >= 0, got {normalized_shape}")
     if list(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
         raise ShapeError(f"Given normalized_shape={shape}, expected input with shape [*, "
                          f"{', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
-    _check_like(weight, input, "weight", "input", shape)
-    _check_like(bias, input, "bias", "input", shape)
+    # torch's mixed-dtype rule: float32 weight and bias with bfloat16 / float16 input (output in input's dtype)
+    mixed = input.dtype in (torch.bfloat16, torch.float16)
+    for name, p in (("weight", weight), ("bias", bias)):
+        _check_like(p, input if not (mixed and p is not None and p.dtype == torch.float32) else p, name, "input",
+                    shape)
+    if math.prod(shape) == 0:  # nothing to normalize: an empty output, as torch gives
+        y = input.clone()
+        y = y if weight is None else y * weight.to(input.dtype)
+        return y if bias is None else y + bias.to(input.dtype)
     return ops.layer_norm.apply(input, [int(s) for s in shape], weight, bias, float(eps))
 
 
@@ -344,6 +351,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise RuntimeError(f"dropout_p must be in [0, 1], got {dropout_p}")
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     q4, k4, v4 = (t.expand(*batch, *t.shape[-3:]).reshape(math.prod(batch), *t.shape[-3:]) for t in (q, k, v))
+    # the kernels read rows of unit stride (any other strides they take as they are)
+    q4, k4, v4 = (t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (q4, k4, v4))
     mask = None if attn_mask is None else _sdpa_mask(attn_mask, query, (*batch, hq, L, S))
     rng = torch.randint(0, 2**62, (2,), dtype=torch.int64) if dropout_p > 0.0 else None
     scale = float(E ** -0.5 if scale is None else scale) if E > 0 or scale is not None else 1.0
@@ -499,6 +508,8 @@ def _sequence(mode: str, input: Tensor, hx, params: Sequence[Tensor], has_biases
         if input.dim() != 2:
             raise ShapeError(f"packed input must have 2 dimensions (sum(batch_sizes), input_size), got shape "
                              f"{list(input.shape)}")
+        if len(batch_sizes) > 1 and batch_sizes[-1] == 0:  # trailing steps of no rows (torch accepts them): none
+            batch_sizes = batch_sizes[: int(torch.count_nonzero(batch_sizes))]
     elif input.dim() != 3:
         raise ShapeError(f"input must have 3 dimensions ({'batch, seq' if batch_first else 'seq, batch'}, "
                          f"input_size), got shape {list(input.shape)}")

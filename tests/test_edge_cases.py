@@ -119,7 +119,7 @@ def test_attention_nan_and_inf_propagate_like_torch(backend_device, special):
     with on_backend(backend):
         out = fastseq.functional.scaled_dot_product_attention(*leaves, attn_mask=None if mask is None else
                                                               mask.to(device, dtype))
-        grads = torch.autograd.grad(out, leaves, torch.ones_like(out)) if backend != "cuda" else ()
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))  # cuda: the backward is Triton's
     ref_leaves = [t[n].double().requires_grad_() for n in ("q", "k", "v")]
     ref = _math_sdpa(*ref_leaves, attn_mask=None if mask is None else mask.double())
     ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
@@ -255,3 +255,79 @@ def test_gradgradcheck_float64(op):
     fn, inputs = _gradgradcheck_ops()[op]
     with fastseq.backend("cpu"):
         assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- inputs torch accepts
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_attention_takes_any_strides(backend_device):
+    """q, k, v whose last dim has stride 2, and k transposed in its last two dims (then copied by the caller's
+    .transpose): the same output and gradients as torch."""
+    backend, device = backend_device
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    E = 64 if backend == "cuda" else 8
+    q = torch.randn(2, 3, 5, 2 * E, generator=g).to(device, dtype)[..., ::2].requires_grad_()
+    k = torch.randn(2, 3, E, 7, generator=g).to(device, dtype).transpose(-1, -2).detach().requires_grad_()
+    v = torch.randn(2, 3, 7, 2 * E, generator=g).to(device, dtype)[..., 1::2].requires_grad_()
+    with on_backend(backend):
+        out = fastseq.functional.scaled_dot_product_attention(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))  # cuda: the backward is Triton's
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.detach().double() for t in (q, k, v)))
+    tol = 2e-2 if dtype == torch.float16 else 1e-5
+    assert_close(out, ref, tol, tol, "out")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q64, k64, v64).sum(), (q64, k64, v64))
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+        assert_close(a, b, tol, tol, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_layer_norm_mixed_dtype_like_torch(backend_device, dtype):
+    """bfloat16 / float16 input with float32 weight and bias (mixed-precision training keeps float32 parameters):
+    output in the input's dtype, parameter gradients in float32, within twice torch's error."""
+    backend, device = backend_device
+    if backend == "cpu" and dtype == torch.float16:
+        pytest.skip("the C++ CPU kernels take bfloat16, not float16")
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter truncates float32 to bfloat16")
+    g = torch.Generator().manual_seed(0)
+    x64, w64, b64 = torch.randn(6, 33, generator=g, dtype=torch.float64), torch.randn(33, generator=g,
+        dtype=torch.float64), torch.randn(33, generator=g, dtype=torch.float64)
+    x = x64.to(device, dtype).requires_grad_()
+    w, b = (t.to(device, torch.float32).requires_grad_() for t in (w64, b64))
+    with on_backend(backend):
+        y = fastseq.functional.layer_norm(x, (33,), w, b)
+        got = torch.autograd.grad(y.float().square().sum(), (x, w, b))
+    yt = torch.nn.functional.layer_norm(x, (33,), w, b)
+    want = torch.autograd.grad(yt.float().square().sum(), (x, w, b))
+    assert y.dtype == dtype and [t.dtype for t in got] == [dtype, torch.float32, torch.float32]
+    ref = torch.nn.functional.layer_norm(x64, (33,), w64, b64)
+    assert (y.double().cpu() - ref).abs().max() <= 2 * (yt.double().cpu() - ref).abs().max() + 1e-2
+    for name, a, t in zip(("dx", "dw", "db"), got, want):
+        assert_close(a.float(), t.float(), 0.1, 0.05, name)
+
+
+def test_layer_norm_over_zero_size_shape_like_torch():
+    x = torch.randn(3, 0, requires_grad=True)
+    w, b = torch.ones(0, requires_grad=True), torch.zeros(0, requires_grad=True)
+    for args in ((), (w, b)):
+        y = fastseq.functional.layer_norm(x, (0,), *args)
+        assert y.shape == torch.nn.functional.layer_norm(x, (0,), *args).shape == (3, 0)
+        y.sum().backward()
+    assert x.grad.shape == (3, 0) and w.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_packed_batch_sizes_ending_in_zeros_like_torch(name):
+    """A PackedSequence whose batch_sizes end in zeros (built by hand; torch accepts it): torch's outputs."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    ours, theirs = _module_pair(name, 4, 3)
+    data = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    packed = PackedSequence(data, torch.tensor([3, 2, 0, 0]))
+    (y, h), (yt, ht) = ours(packed), theirs(packed)
+    assert torch.equal(y.batch_sizes, yt.batch_sizes)
+    assert_close(y.data, yt.data, 1e-6, 1e-5, "output")
+    for a, t in zip(h if isinstance(h, tuple) else (h,), ht if isinstance(ht, tuple) else (ht,)):
+        assert_close(a, t, 1e-6, 1e-5, "state")

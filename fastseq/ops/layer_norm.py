@@ -22,8 +22,9 @@ def _flat(x: Tensor, normalized_shape: list[int]) -> tuple[Tensor, int]:
     return x2.contiguous(), n
 
 
-def _flat_param(p: Tensor | None, n: int) -> Tensor | None:
-    return None if p is None else (p if p.dim() == 1 else p.reshape(n)).contiguous()
+def _flat_param(p: Tensor | None, n: int, dtype: torch.dtype) -> Tensor | None:
+    """p as (n,) contiguous in the kernels' dtype (x's; a float32 weight of bfloat16 / float16 x is cast)."""
+    return None if p is None else (p if p.dim() == 1 else p.reshape(n)).to(dtype).contiguous()
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -34,7 +35,7 @@ def _forward(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias
              ) -> tuple[Tensor, Tensor, Tensor]:
     """y, mean, rstd: layer norm over the trailing dims `normalized_shape`; mean and rstd have one entry per row."""
     x2, n = _flat(x, normalized_shape)
-    w, b = _flat_param(weight, n), _flat_param(bias, n)
+    w, b = _flat_param(weight, n, x.dtype), _flat_param(bias, n, x.dtype)
     name = backends.select("layer_norm", x.device, x.dtype, DTYPES)
     if name in ("cpu", "cuda"):
         y, mean, rstd = backends.extension().layer_norm_fwd(x2, w, b, eps)
@@ -61,7 +62,7 @@ def _backward_impl(dy: Tensor, x: Tensor, normalized_shape: list[int], weight: T
     """dx, dweight, dbias (dweight/dbias shaped like normalized_shape; empty where not needed)."""
     x2, n = _flat(x, normalized_shape)
     dy2 = dy.reshape(-1, n).contiguous()
-    w = _flat_param(weight, n)
+    w = _flat_param(weight, n, x.dtype)
     name = backends.select("layer_norm", x.device, x.dtype, DTYPES)
     if name in ("cpu", "cuda"):
         dx, dw, db = backends.extension().layer_norm_bwd(dy2, x2, w, mean, rstd, need_dweight, need_dbias)
@@ -71,8 +72,10 @@ def _backward_impl(dy: Tensor, x: Tensor, normalized_shape: list[int], weight: T
         dx, dw, db = tk.layer_norm_bwd(dy2, x2, w, mean, rstd, need_dweight, need_dbias)
     else:
         dx, dw, db = reference.layer_norm_backward(dy2, x2, w, mean, rstd)
-    dw = dw.reshape(normalized_shape).to(x.dtype) if need_dweight else x.new_empty(0)
-    db = db.reshape(normalized_shape).to(x.dtype) if need_dbias else x.new_empty(0)
+    # in the parameters' dtype (float32 for float32 parameters of bfloat16 / float16 x), bias's as weight's
+    pdtype = x.dtype if weight is None else weight.dtype
+    dw = dw.reshape(normalized_shape).to(pdtype) if need_dweight else x.new_empty(0)
+    db = db.reshape(normalized_shape).to(pdtype) if need_dbias else x.new_empty(0)
     return dx.reshape(x.shape), dw, db
 
 
@@ -81,8 +84,9 @@ layer_norm_backward = torch.library.custom_op("fastseq::layer_norm_backward", _b
 
 @layer_norm_backward.register_fake
 def _(dy, x, normalized_shape, weight, mean, rstd, need_dweight, need_dbias):
-    dw = x.new_empty(normalized_shape) if need_dweight else x.new_empty(0)
-    db = x.new_empty(normalized_shape) if need_dbias else x.new_empty(0)
+    p = x if weight is None else weight
+    dw = p.new_empty(normalized_shape) if need_dweight else x.new_empty(0)
+    db = p.new_empty(normalized_shape) if need_dbias else x.new_empty(0)
     return x.new_empty(x.shape), dw, db
 
 
