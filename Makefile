@@ -8,7 +8,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.fastseq-installed
 SOURCES     := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*) setup.py pyproject.toml
 
-.PHONY: test bench ci build cuda-check compat triton-check gpu-check clean
+.PHONY: test fuzz bench ci build cuda-check compat triton-check gpu-check clean
 
 # A virtual environment with torch (a CPU wheel on these machines), the build tools and fastseq installed
 # editable with its test extra; the extension is rebuilt when its sources change.
@@ -22,6 +22,12 @@ build: $(STAMP)
 
 test: build
 	$(PY) -m pytest tests -q
+
+# The differential fuzz suite against torch with many random examples (make test runs a fixed few per test).
+FUZZ_EXAMPLES ?= 1000
+fuzz: build
+	FASTSEQ_FUZZ_PROFILE=fuzz FASTSEQ_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q \
+	  --hypothesis-show-statistics
 
 bench: build
 	mkdir -p $(RESULTS_DIR)

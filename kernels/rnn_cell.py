@@ -138,7 +138,7 @@ def _rnn_epilogue(pre, rows, cols, N, H, b_ih_ptr, b_hh_ptr, hy_ptr, HAS_BIAS: t
         pre += (tl.load(b_ih_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
                 + tl.load(b_hh_ptr + cols, mask=cmask, other=0.0).to(tl.float32))[None, :]
     if RELU:
-        hy = tl.maximum(pre, 0.0)
+        hy = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch
     else:
         hy = _tanh(pre)
     tl.store(hy_ptr + h_off, hy.to(hy_ptr.dtype.element_ty), mask=mask)
@@ -332,7 +332,7 @@ def _rnn_bwd_kernel(
     N, H,
     RELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """tanh: dpre = dhy*(1-hy^2); relu: dpre = dhy*(hy > 0)."""
+    """tanh: dpre = dhy*(1-hy^2); relu: dpre = 0 where hy <= 0, else dhy (NaN passes dhy on, as torch)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (rows < N)[:, None] & (cols < H)[None, :]
@@ -340,7 +340,7 @@ def _rnn_bwd_kernel(
     dhy = tl.load(dhy_ptr + off, mask=mask, other=0.0).to(tl.float32)
     hy = tl.load(hy_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        dg = tl.where(hy > 0.0, dhy, 0.0)
+        dg = tl.where(hy <= 0.0, 0.0, dhy)  # as torch: a NaN output passes dhy on
     else:
         dg = dhy * (1.0 - hy * hy)
     tl.store(dg_ptr + off, dg.to(dg_ptr.dtype.element_ty), mask=mask)

@@ -53,10 +53,11 @@ inline double relu_act(double x) { return std::max(x, 0.0); }
 template <typename T>
 inline Vectorized<T> relu_act(const Vectorized<T>& x) { return at::vec::maximum(x, Vectorized<T>(T(0))); }
 // 1 where y > 0 else 0 (relu'(x) expressed through its output y = relu(x)).
-inline float positive(float y) { return y > 0.f ? 1.f : 0.f; }
-inline double positive(double y) { return y > 0.0 ? 1.0 : 0.0; }
+// relu's derivative as torch takes it from the output: 0 where y <= 0, else 1 (so a NaN output passes dy on)
+inline float positive(float y) { return y <= 0.f ? 0.f : 1.f; }
+inline double positive(double y) { return y <= 0.0 ? 0.0 : 1.0; }
 template <typename T>
-inline Vectorized<T> positive(const Vectorized<T>& y) { return y.gt(Vectorized<T>(T(0))); }
+inline Vectorized<T> positive(const Vectorized<T>& y) { return Vectorized<T>(T(1)) - y.le(Vectorized<T>(T(0))); }
 
 // ---- lanes: kVec = true moves Vectorized<opmath_t>::size() elements at a time, false one (the tail) ----
 // load/store take pointers to scalar_t (tensor data) or opmath_t (biases, peephole, accumulators).

@@ -99,7 +99,7 @@ __host__ __device__ inline float rnn_fwd_math(float pre) {
 
 template <CellActivation kAct>
 __host__ __device__ inline float rnn_bwd_math(float dhy, float hy) {
-  return kAct == CellActivation::kTanh ? dhy * (1.f - hy * hy) : (hy > 0.f ? dhy : 0.f);
+  return kAct == CellActivation::kTanh ? dhy * (1.f - hy * hy) : (hy <= 0.f ? 0.f : dhy);
 }
 
 // ---- launchers ------------------------------------------------------------------------------------------------
