@@ -11,6 +11,8 @@ profile (many more, random) for a longer search. A failing example it finds beco
 (tests/test_edge_cases.py)."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 
 import pytest
@@ -67,14 +69,14 @@ def _math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _run(fn, args, backend=None):
+def _run(fn, args, backend=None, math=False):
     """("ok", outputs and gradients) or ("error", exception): fn(*args) on fresh leaves of the floating tensors,
-    then the gradients of sum(outputs * fixed weights) with respect to them. Torch (backend None) runs its math
-    attention."""
+    then the gradients of sum(outputs * fixed weights) with respect to them; on fastseq's `backend`, or in torch
+    (with its math attention when `math`)."""
     leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
               else a for a in args]
     try:
-        with on_backend(backend) if backend else _math_attention():
+        with on_backend(backend) if backend else _math_attention() if math else contextlib.nullcontext():
             outs = fn(*leaves)
             outs = [o for o in (outs if isinstance(outs, (tuple, list)) else (outs,)) if isinstance(o, torch.Tensor)]
             diff = [o for o in outs if o.requires_grad]
@@ -91,23 +93,25 @@ def _run(fn, args, backend=None):
     return "ok", [o.detach() for o in outs] + [g.detach() for g in grads]
 
 
-def check_against_torch(ours, theirs, args, backend, dtype, atol_scale=1.0, masked_grads=False):
-    """The rule of this file (module docstring). masked_grads: attention with a mask or is_causal, where torch's
-    gradients are NaN also for keys that no query sees (0 * NaN in its dense backward) and fastseq's kernels, which
-    skip what is masked, give finite ones: there a gradient may be finite where torch's is NaN."""
+def check_against_torch(ours, theirs, args, backend, dtype, atol_scale=1.0, masked_grads=False, exact=None):
+    """The rule of this file (module docstring). The float64 answer is `exact` (default: `theirs` with torch's
+    math attention) on float64 copies. masked_grads: attention with a mask or is_causal, where torch's gradients
+    are NaN also for keys that no query sees (0 * NaN in its dense backward) and fastseq's kernels, which skip what
+    is masked, give finite ones: there a gradient may be finite where torch's is NaN."""
     kind, got = _run(ours, args, backend)
     torch_kind, want = _run(theirs, args)
     assert kind == torch_kind, f"fastseq: {kind} ({got if kind == 'error' else ''}); torch: {torch_kind} " \
                                f"({want if torch_kind == 'error' else ''})"
     if kind == "error":
         return
-    exact_kind, exact = _run(theirs, [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                                      for a in args])
+    exact_kind, exact = _run(exact or theirs, [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                               else a for a in args], math=True)
+    assert exact_kind == "ok", f"the float64 answer failed: {exact}"
     assert len(got) == len(want), f"{len(got)} results, torch {len(want)}"
     tol = TOL[dtype] * atol_scale
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape and g.dtype == w.dtype, f"result {i}: {g.shape} {g.dtype}, torch {w.shape} {w.dtype}"
-        e = exact[i].to(torch.float64) if exact_kind == "ok" else w.to(torch.float64)
+        e = exact[i].to(torch.float64)
         g64, w64 = g.to(torch.float64), w.to(torch.float64)
         scale = e.abs().nan_to_num(0, 0, 0).amax() if e.numel() else 0.0
         close = (g64 - e).abs() <= tol * (1 + scale)
@@ -135,8 +139,11 @@ def test_fuzz_layer_norm(backend):
         affine = data.draw(st.sampled_from(["none", "weight", "both"]))
         w = data.draw(tensors(tuple(norm), dtype, specials=())) if affine != "none" else None
         b = data.draw(tensors(tuple(norm), dtype, specials=())) if affine == "both" else None
+        # exact: fastseq's float64 reference (torch's float64 kernel computes x * rstd - mean * rstd, which
+        # cancels catastrophically for huge x)
         check_against_torch(lambda x, w, b: fastseq.functional.layer_norm(x, norm, w, b),
-                            lambda x, w, b: torch.nn.functional.layer_norm(x, norm, w, b), [x, w, b], backend, dtype)
+                            lambda x, w, b: torch.nn.functional.layer_norm(x, norm, w, b), [x, w, b], backend, dtype,
+                            exact=lambda x, w, b: fastseq.reference.layer_norm(x, norm, w, b))
     run()
 
 
@@ -166,8 +173,9 @@ def test_fuzz_cells(backend, kind):
         if data.draw(st.booleans()):  # no state given: zeros
             hs = []
         state = (lambda a: (a[0], a[1]) if a else None) if kind == "lstm" else (lambda a: a[0] if a else None)
+        theirs64 = copy.deepcopy(theirs).double()
         check_against_torch(lambda x, *a: ours(x, state(a)), lambda x, *a: theirs(x, state(a)), [x, *hs], backend,
-                            dtype)
+                            dtype, exact=lambda x, *a: theirs64(x, state(a)))
     run()
 
 
@@ -202,7 +210,10 @@ def test_fuzz_attention(backend):
         check_against_torch(
             lambda q, k, v, m: fastseq.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw),
             lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw),
-            [q, k, v, mask], backend, dtype, atol_scale=5.0, masked_grads=mask_kind != "none")
+            [q, k, v, mask], backend, dtype, atol_scale=5.0, masked_grads=mask_kind != "none",
+            # exact: fastseq's float64 reference, which masks scores as torch's fused kernels do (torch's math
+            # attention adds -inf, so an inf score that is masked still makes its row NaN)
+            exact=lambda q, k, v, m: fastseq.reference.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw))
     run()
 
 
@@ -232,6 +243,8 @@ def test_fuzz_recurrent_layers(backend, name):
         packed = data.draw(st.booleans())
         lengths = torch.tensor([data.draw(st.integers(1, t)) for _ in range(n)])
 
+        theirs64 = copy.deepcopy(theirs).double()
+
         def call(module):
             def go(x, *params):
                 inp = pack_padded_sequence(x, lengths, batch_first=kw["batch_first"], enforce_sorted=False) \
@@ -240,7 +253,7 @@ def test_fuzz_recurrent_layers(backend, name):
                 out = out.data if packed else out
                 return (out, *(state if isinstance(state, tuple) else (state,)))
             return go
-        check_against_torch(call(ours), call(theirs), [x], backend, dtype, atol_scale=5.0)
+        check_against_torch(call(ours), call(theirs), [x], backend, dtype, atol_scale=5.0, exact=call(theirs64))
     run()
 
 
@@ -266,6 +279,11 @@ def test_fuzz_multihead_attention(backend):
             kw["key_padding_mask"] = pad
         if data.draw(st.booleans()):
             ours.eval(), theirs.eval()
+        theirs64 = copy.deepcopy(theirs).double().train()  # dropout 0; the eval fast path has no math backend
+
+        def exact(q, kv):
+            return theirs64(q, kv, kv, **kw)
+
         check_against_torch(lambda q, kv: ours(q, kv, kv, **kw), lambda q, kv: theirs(q, kv, kv, **kw), [q, kv],
-                            backend, dtype, atol_scale=5.0)
+                            backend, dtype, atol_scale=5.0, exact=exact)
     run()

@@ -169,8 +169,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         else:
             out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, causal)
             weights = _attention_weights(q, k, mask) if need_weights else None
-            if weights is not None and mask is not None:
-                # torch computes out = weights v here, so a fully masked row (weights NaN) gives NaN, not 0
+            if weights is not None:
+                # torch computes out = weights v here, so a row with no finite score (weights NaN) gives NaN, not 0
                 out = out.masked_fill(weights.detach().isnan().all(-1, keepdim=True), float("nan"))
 
         out = out.transpose(1, 2) if batch_first else out.permute(2, 0, 1, 3)  # (N, L, H, hd) or (L, N, H, hd)
