@@ -331,3 +331,37 @@ def test_packed_batch_sizes_ending_in_zeros_like_torch(name):
     assert_close(y.data, yt.data, 1e-6, 1e-5, "output")
     for a, t in zip(h if isinstance(h, tuple) else (h,), ht if isinstance(ht, tuple) else (ht,)):
         assert_close(a, t, 1e-6, 1e-5, "state")
+
+
+# ------------------------------------------------------------------------------- found by the fuzz suite
+@pytest.mark.parametrize("backend_device", CPU_BACKENDS)
+def test_relu_gradient_through_a_nan_output_like_torch(backend_device):
+    """test_fuzz_recurrent_layers: RNN(relu) with a NaN input. torch's relu backward passes the gradient where the
+    output is NaN (it zeroes only where output <= 0); fastseq zeroed it."""
+    backend, _ = backend_device
+    for name, make in (("RNN", lambda: torch.randn(3, 2, 4)), ("RNNCell", lambda: torch.randn(2, 4))):
+        kw = {"nonlinearity": "relu"}
+        ours, theirs = _module_pair(name, 4, 3, **kw)
+
+        def run(module, ctx):
+            torch.manual_seed(1)
+            x = make()
+            x[..., 1, 2] = float("nan")
+            x.requires_grad_()
+            with ctx:
+                out = _first_output(module(x))
+                return torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
+                                           [x, *module.parameters()])
+        got, want = run(ours, on_backend(backend)), run(theirs, contextlib.nullcontext())
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(g.isnan(), w.isnan()), f"{name} gradient {i}: NaN pattern"
+            assert_close(g.nan_to_num(), w.nan_to_num(), 1e-5, 1e-5, f"{name} gradient {i}")
+
+
+def test_multihead_attention_weights_row_without_a_finite_score_like_torch():
+    """test_fuzz_multihead_attention: an inf query (every score -inf or NaN) with need_weights=True and no mask:
+    torch computes out = weights v, NaN; fastseq's attention gave 0 for the row."""
+    ours, theirs = _module_pair("MultiheadAttention", 1, 1)
+    q, kv = torch.tensor([[[float("inf")]]]), torch.tensor([[[1.5]]])
+    got, want = ours(q, kv, kv, need_weights=True)[0], theirs(q, kv, kv, need_weights=True)[0]
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().all()
