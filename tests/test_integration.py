@@ -436,6 +436,7 @@ def _distributed_worker(rank: int, port: int, kind: str, out: str) -> None:
             fully_shard(module.lstm, mesh=mesh)
             model = fully_shard(module, mesh=mesh)
         torch.save(_train(model, module, rank, WORLD), f"{out}/{rank}.pt")
+        dist.barrier()  # both ranks done before the teardown (gloo aborted a rank once when one left early)
     finally:
         dist.destroy_process_group()
 
