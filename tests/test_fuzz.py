@@ -128,6 +128,21 @@ def _backend_settings(backend):
     return settings(max_examples=max(5, settings().max_examples // 4)) if backend == "triton" else settings()
 
 
+def _float_dtype(data, backend):
+    """A dtype the backend runs, bfloat16 aside (its rounding swamps the recurrences' and attention's checks)."""
+    return data.draw(st.sampled_from([d for d in DTYPES[backend] if d != torch.bfloat16]))
+
+
+def _modules(data, name, *args, **kwargs):
+    """fastseq.nn.<name> and torch.nn.<name> with the same weights (a drawn seed), and a float64 copy of torch's
+    (in training mode: dropout is 0, and MultiheadAttention's eval fast path has no math backend)."""
+    torch.manual_seed(data.draw(st.integers(0, 99)))
+    theirs = getattr(torch.nn, name)(*args, **kwargs)
+    ours = getattr(fastseq.nn, name)(*args, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs, copy.deepcopy(theirs).double()
+
+
 # ------------------------------------------------------------------------------------------------------ layer norm
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fuzz_layer_norm(backend):
@@ -160,22 +175,18 @@ def test_fuzz_cells(backend, kind):
     @_backend_settings(backend)
     @given(data=st.data())
     def run(data):
-        dtype = data.draw(st.sampled_from([d for d in DTYPES[backend] if d != torch.bfloat16]))
+        dtype = _float_dtype(data, backend)
         n, c, h = data.draw(st.integers(0, 5)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9))
         batched = data.draw(st.booleans()) or n == 0
         kw = {"bias": data.draw(st.booleans())}
         if kind.startswith("rnn"):
             kw["nonlinearity"] = kind[4:]
-        torch.manual_seed(data.draw(st.integers(0, 99)))
-        theirs = getattr(torch.nn, CELLS[kind])(c, h, dtype=dtype, **kw)
-        ours = getattr(fastseq.nn, CELLS[kind])(c, h, dtype=dtype, **kw)
-        ours.load_state_dict(theirs.state_dict())
+        ours, theirs, theirs64 = _modules(data, CELLS[kind], c, h, dtype=dtype, **kw)
         x = data.draw(tensors((n, c) if batched else (c,), dtype))
         hs = [data.draw(tensors((n, h) if batched else (h,), dtype)) for _ in range(2 if kind == "lstm" else 1)]
         if data.draw(st.booleans()):  # no state given: zeros
             hs = []
         state = (lambda a: (a[0], a[1]) if a else None) if kind == "lstm" else (lambda a: a[0] if a else None)
-        theirs64 = copy.deepcopy(theirs).double()
         check_against_torch(lambda x, *a: ours(x, state(a)), lambda x, *a: theirs(x, state(a)), [x, *hs], backend,
                             dtype, exact=lambda x, *a: theirs64(x, state(a)))
     run()
@@ -187,7 +198,7 @@ def test_fuzz_attention(backend):
     @_backend_settings(backend)
     @given(data=st.data())
     def run(data):
-        dtype = data.draw(st.sampled_from([d for d in DTYPES[backend] if d != torch.bfloat16]))
+        dtype = _float_dtype(data, backend)
         batch = data.draw(st.lists(st.integers(1, 2), max_size=2))
         hk = data.draw(st.integers(1, 2))
         hq = hk * data.draw(st.integers(1, 2))
@@ -231,7 +242,7 @@ def test_fuzz_recurrent_layers(backend, name):
     @_backend_settings(backend)
     @given(data=st.data())
     def run(data):
-        dtype = data.draw(st.sampled_from([d for d in DTYPES[backend] if d != torch.bfloat16]))
+        dtype = _float_dtype(data, backend)
         c, h = data.draw(st.integers(1, 7)), data.draw(st.integers(1, 7))
         kw = {"num_layers": data.draw(st.integers(1, 2)), "bidirectional": data.draw(st.booleans()),
               "batch_first": data.draw(st.booleans()), "bias": data.draw(st.booleans())}
@@ -239,16 +250,12 @@ def test_fuzz_recurrent_layers(backend, name):
             kw["proj_size"] = data.draw(st.integers(1, h - 1))
         if name == "RNN":
             kw["nonlinearity"] = data.draw(st.sampled_from(["tanh", "relu"]))
-        torch.manual_seed(data.draw(st.integers(0, 99)))
-        theirs = getattr(torch.nn, name)(c, h, dtype=dtype, **kw)
-        ours = getattr(fastseq.nn, name)(c, h, dtype=dtype, **kw)
-        ours.load_state_dict(theirs.state_dict())
+        ours, theirs, theirs64 = _modules(data, name, c, h, dtype=dtype, **kw)
         t, n = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 4))
         x = data.draw(tensors((n, t, c) if kw["batch_first"] else (t, n, c), dtype))
         packed = data.draw(st.booleans())
         lengths = torch.tensor([data.draw(st.integers(1, t)) for _ in range(n)])
 
-        theirs64 = copy.deepcopy(theirs).double()
 
         def call(module):
             def go(x, *params):
@@ -267,14 +274,12 @@ def test_fuzz_multihead_attention(backend):
     @_backend_settings(backend)
     @given(data=st.data())
     def run(data):
-        dtype = data.draw(st.sampled_from([d for d in DTYPES[backend] if d != torch.bfloat16]))
+        dtype = _float_dtype(data, backend)
         heads = data.draw(st.integers(1, 3))
         embed = heads * data.draw(st.integers(1, 4))
         batch_first = data.draw(st.booleans())
-        torch.manual_seed(data.draw(st.integers(0, 99)))
-        theirs = torch.nn.MultiheadAttention(embed, heads, batch_first=batch_first, dtype=dtype)
-        ours = fastseq.nn.MultiheadAttention(embed, heads, batch_first=batch_first, dtype=dtype)
-        ours.load_state_dict(theirs.state_dict())
+        ours, theirs, theirs64 = _modules(data, "MultiheadAttention", embed, heads, batch_first=batch_first,
+                                          dtype=dtype)
         n, L, S = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9))
         kw = {"need_weights": data.draw(st.booleans())}
         if data.draw(st.booleans()):
@@ -285,11 +290,6 @@ def test_fuzz_multihead_attention(backend):
                                () if "key_padding_mask" in kw else NOT_HUGE))  # as in test_fuzz_attention
         if data.draw(st.booleans()):
             ours.eval(), theirs.eval()
-        theirs64 = copy.deepcopy(theirs).double().train()  # dropout 0; the eval fast path has no math backend
-
-        def exact(q, kv):
-            return theirs64(q, kv, kv, **kw)
-
         check_against_torch(lambda q, kv: ours(q, kv, kv, **kw), lambda q, kv: theirs(q, kv, kv, **kw), [q, kv],
-                            backend, dtype, atol_scale=5.0, exact=exact)
+                            backend, dtype, atol_scale=5.0, exact=lambda q, kv: theirs64(q, kv, kv, **kw))
     run()
