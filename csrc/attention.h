@@ -11,6 +11,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace fastseq {
@@ -33,6 +34,8 @@ namespace cuda {  // forward only, float16 / bfloat16, head dims 64 and 128, no 
 std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale,
                                             double dropout_p, int64_t seed, int64_t offset);
+// Why the kernel cannot run attention of q (B, Hq, L, E) with v (B, Hk, S, Ev) and dropout_p; empty when it can.
+std::string sdpa_unsupported(const at::Tensor& q, const at::Tensor& v, double dropout_p);
 }  // namespace cuda
 #endif
 #undef FASTSEQ_ATTENTION_DECLS

@@ -25,6 +25,7 @@ namespace {
 #endif
 
 using OptTensor = std::optional<at::Tensor>;
+using OptString = std::optional<std::string>;
 
 }  // namespace
 
@@ -88,6 +89,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return fastseq::cpu::sdpa_bwd(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, offset,
                                   need_dmask);
   }, "dq, dk, dv, dscores = sdpa_bwd(dout, q, k, v, out, lse, attn_mask?, is_causal, scale, dropout_p, seed, offset, need_dmask)");
+
+#ifdef WITH_CUDA
+  m.def("sdpa_cuda_unsupported", [](const at::Tensor& q, const at::Tensor& v, double dropout_p) -> OptString {
+    const std::string why = fastseq::cuda::sdpa_unsupported(q, v, dropout_p);
+    return why.empty() ? OptString() : OptString(why);
+  }, "why the CUDA C++ attention kernel cannot run these shapes, or None");
+#endif
 
   // Sequence layers: one direction of one layer, the time loop on the host (csrc/rnn_layer.h).
   m.def("rnn_layer_fwd", [](const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const OptTensor& c0,

@@ -14,7 +14,7 @@ import functools
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -108,7 +108,11 @@ def requested() -> str | None:
     return name
 
 
-def _reject(name: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[str, frozenset]) -> str | None:
+def rejects(name: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[str, frozenset],
+            limits: Callable[[str], str | None] | None = None) -> str | None:
+    """Why backend `name` cannot run an op (see select) on these tensors, or None when it can."""
+    if name == "reference":
+        return None
     if name not in dtypes:
         return f"the {name} backend does not implement this op"
     reason = unavailable_reason(name)
@@ -122,19 +126,22 @@ def _reject(name: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping
         return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
     if dtype not in dtypes[name]:
         return f"the {name} backend does not support {dtype}"
-    return None
+    return None if limits is None else limits(name)
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[str, frozenset]) -> str:
-    """The backend that runs `op` on tensors of `device` and `dtype`. `dtypes` maps each backend that implements
-    the op to the dtypes it supports ("reference" supports every floating dtype)."""
+def select(op: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[str, frozenset],
+           limits: Callable[[str], str | None] | None = None) -> str:
+    """The backend that runs `op` on tensors of `device` and `dtype`: the one place that picks a backend and warns.
+    `dtypes` maps each backend that implements the op to the dtypes it supports ("reference" supports every
+    floating dtype); limits(name), where given, says why backend `name` (available, device and dtype fine) cannot
+    run this call's shapes (the kernel's own statement of its limits), or None."""
     first = requested()
     order = DEFAULT_ORDER.get(device.type, ("reference",))
     candidates = ([first] if first else []) + [b for b in order if b != first]
     rejected: list[str] = []
     chosen = "reference"
     for name in candidates:
-        reason = None if name == "reference" else _reject(name, device, dtype, dtypes)
+        reason = rejects(name, device, dtype, dtypes, limits)
         if reason is None:
             chosen = name
             break

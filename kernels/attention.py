@@ -29,7 +29,18 @@ from .aot import AOTSpec
 
 LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2 = 0.6931471805599453) as literals
 MAX_HEAD_DIM = 256
-_MAX_GRID_Y = 65535
+_MAX_GRID_Y = 65535  # B * Hq programs along the grid's second axis
+
+
+def unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these kernels cannot run attention of q (B, Hq, L, E) and v (B, Hk, S, Ev) (the limits of their tiles
+    and grid), or None: the one statement of those limits (fastseq.ops.attention asks it before choosing them)."""
+    e, ev = q.shape[-1], v.shape[-1]
+    if not (1 <= e <= MAX_HEAD_DIM and 1 <= ev <= MAX_HEAD_DIM):
+        return f"the Triton kernels need head dims in [1, {MAX_HEAD_DIM}], got E={e}, Ev={ev}"
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        return f"the Triton kernels support batch * heads up to {_MAX_GRID_Y}, got {q.shape[0] * q.shape[1]}"
+    return None
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 # Block sizes by padded head dim max(BLOCK_E, BLOCK_EV) and dtype width (2-byte / 4-byte), as
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dq: BLOCK_M % BLOCK_N == 0 (query block over key blocks);
@@ -498,10 +509,9 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
         raise ValueError(f"sdpa: k and v must have the same length, got k {k.shape[2]}, v {S}")
     if k.shape[3] != E:
         raise ValueError(f"sdpa: k's head dim must equal q's {E}, got {k.shape[3]}")
-    if not (1 <= E <= MAX_HEAD_DIM and 1 <= Ev <= MAX_HEAD_DIM):
-        raise ValueError(f"sdpa: head dims must be in [1, {MAX_HEAD_DIM}], got E={E}, Ev={Ev}")
-    if B * Hq > _MAX_GRID_Y:
-        raise ValueError(f"sdpa: batch * heads must be at most {_MAX_GRID_Y}, got {B * Hq}")
+    limit = unsupported(q, v)
+    if limit is not None:
+        raise ValueError(f"sdpa: {limit}")
     if attn_mask is not None:
         if attn_mask.dim() != 4:
             raise ValueError(f"sdpa: attn_mask must be 4-D, got shape {tuple(attn_mask.shape)}")

@@ -317,7 +317,7 @@ def test_opcheck():
     q, k, v, mask = (t.detach() for t in (q, k, v, mask))
     out, lse = torch.ops.fastseq.sdpa(q, k, v, mask, False, 0.25, 0.0, None)
     torch.library.opcheck(torch.ops.fastseq.sdpa_backward.default,
-                          (torch.randn_like(out), q, k, v, out, lse, mask, False, 0.25, 0.0, None, True))
+                          (torch.randn_like(out), q, k, v, out, lse, mask, False, 0.25, 0.0, None, True, "cpu"))
 
 
 class _Block(torch.nn.Module):

@@ -1,12 +1,13 @@
 // Scaled dot-product attention forward, CUDA tensors: checks the arguments, allocates out and lse, and calls the
-// tensor-core launcher of attention.cu on the current stream. Shapes the kernel does not serve (head dims other
-// than 64 and 128, Ev != E, float32, dropout) raise a clear error so that the Python layer picks another backend.
+// tensor-core launcher of attention.cu on the current stream. The shapes the kernel serves are stated once,
+// by sdpa_unsupported (which the Python layer asks before choosing this backend).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "../attention.h"
@@ -37,19 +38,31 @@ at::Tensor kernel_layout(const at::Tensor& t) {
 
 }  // namespace
 
+std::string sdpa_unsupported(const at::Tensor& q, const at::Tensor& v, double dropout_p) {
+  const int64_t E = q.size(-1), Ev = v.size(-1);
+  if (dropout_p != 0.0) return "the CUDA C++ kernel has no dropout";
+  if (E != Ev || (E != 64 && E != 128)) {
+    return "the CUDA C++ kernel needs head dims E == Ev in (64, 128), got E=" + std::to_string(E) +
+           ", Ev=" + std::to_string(Ev);
+  }
+  if (q.size(-2) > attn::kMaxLen || v.size(-2) > attn::kMaxLen) {
+    return "the CUDA C++ kernel needs sequence lengths of at most " + std::to_string(attn::kMaxLen);
+  }
+  return "";
+}
+
 std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale,
                                             double dropout_p, int64_t seed, int64_t offset) {
   (void)seed;  // the keep decisions of dropout; this kernel has none
   (void)offset;
-  TORCH_CHECK(dropout_p == 0.0,
-              "sdpa_fwd (CUDA): dropout is not supported by the CUDA tensor-core kernel (dropout_p must be 0, got ",
-              dropout_p, "); use the triton or cpu backend for dropout");
   TORCH_CHECK(q.defined(), "sdpa_fwd (CUDA): q is undefined");
   const at::Device device = q.device();
   check_4d(q, "q", device);
   check_4d(k, "k", device);
   check_4d(v, "v", device);
+  const std::string unsupported = sdpa_unsupported(q, v, dropout_p);
+  TORCH_CHECK(unsupported.empty(), "sdpa_fwd (CUDA): ", unsupported, "; use the triton or cpu backend");
   const at::ScalarType st = q.scalar_type();
   TORCH_CHECK(st == at::kHalf || st == at::kBFloat16,
               "sdpa_fwd (CUDA): q must be float16 or bfloat16 (tensor-core kernel), got ", st);
@@ -68,12 +81,6 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
               q.sizes(), ", k ", k.sizes());
   TORCH_CHECK(k.size(3) == E, "sdpa_fwd (CUDA): q and k must have the same head dim, got q ", q.sizes(), ", k ",
               k.sizes());
-  TORCH_CHECK(E == 64 || E == 128, "sdpa_fwd (CUDA): head dim must be 64 or 128 (tensor-core kernel), got ", E);
-  TORCH_CHECK(v.size(3) == E, "sdpa_fwd (CUDA): v's head dim must equal q's (", E,
-              ") in the tensor-core kernel, got v ", v.sizes());
-  TORCH_CHECK(L <= fastseq::cuda::attn::kMaxLen && S <= fastseq::cuda::attn::kMaxLen,
-              "sdpa_fwd (CUDA): sequence lengths must be at most ", fastseq::cuda::attn::kMaxLen, ", got L = ", L,
-              ", S = ", S);
 
   AttnMaskDtype mask_dtype = AttnMaskDtype::kNone;
   const void* mask_ptr = nullptr;

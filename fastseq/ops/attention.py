@@ -7,8 +7,6 @@ decisions are a function of rng = (seed, offset), an int64 CPU tensor drawn by t
 regenerates them."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
@@ -21,53 +19,39 @@ DTYPES = {
     "cuda": frozenset({torch.float16, torch.bfloat16}),
     "triton": frozenset({torch.float32, torch.float16, torch.bfloat16}),
 }
-_TRITON_MAX_HEAD_DIM = 256
-_TRITON_MAX_GRID = 65535  # B * Hq programs along the grid's second axis
-_warned: set[str] = set()
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _shape_reason(name: str, q: Tensor, v: Tensor, dropout_p: float) -> str | None:
-    """Why backend `name` cannot run this call's shapes (its dtype and device are checked by backends.select)."""
-    e, ev = q.shape[-1], v.shape[-1]
-    if name == "cuda":
-        if dropout_p > 0.0:
-            return "the CUDA C++ kernel has no dropout"
-        if e != ev or e not in (64, 128):
-            return f"the CUDA C++ kernel needs head dims E == Ev in (64, 128), got E={e}, Ev={ev}"
-    if name == "triton":
-        if max(e, ev) > _TRITON_MAX_HEAD_DIM:
-            return f"the Triton kernels support head dims up to {_TRITON_MAX_HEAD_DIM}, got E={e}, Ev={ev}"
-        if q.shape[0] * q.shape[1] > _TRITON_MAX_GRID:
-            return f"the Triton kernels support batch * heads up to {_TRITON_MAX_GRID}, got {q.shape[0] * q.shape[1]}"
-    return None
+def _limits(q: Tensor, v: Tensor, dropout_p: float):
+    """limits(name) for backends.select: why backend `name` cannot run these shapes, as its kernels state it."""
+
+    def limits(name: str) -> str | None:
+        if name == "cuda":
+            return backends.extension().sdpa_cuda_unsupported(q, v, dropout_p)
+        if name == "triton":
+            from ..kernels import attention as tk
+
+            return tk.unsupported(q, v)
+        return None
+
+    return limits
 
 
-def _triton_runs(q: Tensor) -> bool:
-    return backends.unavailable_reason("triton") is None and q.dtype in DTYPES["triton"] and (
-        q.device.type == "cuda" or (q.device.type == "cpu" and backends.triton_interpreting()))
+def _select(q: Tensor, v: Tensor, dropout_p: float) -> str:
+    """The forward's backend (backends.select by device, dtype and the kernels' limits)."""
+    return backends.select(OP, q.device, q.dtype, DTYPES, _limits(q, v, dropout_p))
 
 
-def _select(q: Tensor, v: Tensor, dropout_p: float, backward: bool) -> str:
-    """The backend for this call: backends.select's choice by device and dtype, then by shape (cuda -> triton ->
-    reference, and cpu -> reference, with a one-time warning naming the reason). The backward of the cuda
-    backend is Triton's."""
-    name = backends.select(OP, q.device, q.dtype, DTYPES)
-    reason = _shape_reason(name, q, v, dropout_p)
-    if reason is not None:
-        fallback = "triton" if name == "cuda" and _triton_runs(q) and _shape_reason("triton", q, v, 0.0) is None \
-            else "reference"
-        message = f"fastseq: {OP} runs on the {fallback} backend ({name}: {reason})"
-        if message not in _warned:
-            _warned.add(message)
-            warnings.warn(message, stacklevel=5)
-        name = fallback
-    if backward and name == "cuda":
-        name = "triton" if _triton_runs(q) else "reference"
-    return name
+def _backward_backend(forward: str, q: Tensor, v: Tensor) -> str:
+    """The backend of the backward of a forward run on `forward`: the same one, except that the CUDA C++ kernel is
+    forward-only and its backward runs on Triton (which keeps lse the same way), else on the reference."""
+    if forward != "cuda":
+        return forward
+    return "triton" if backends.rejects("triton", q.device, q.dtype, DTYPES, _limits(q, v, 0.0)) is None \
+        else "reference"
 
 
 def _seed_offset(rng: Tensor | None) -> tuple[int, int]:
@@ -103,7 +87,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causa
     """out (B, Hq, L, Ev) in q's dtype and lse (B, Hq, L) float32 (float64 for float64 inputs). q (B, Hq, L, E),
     k (B, Hk, S, E), v (B, Hk, S, Ev); attn_mask additive, 4-D, of size 1 on its broadcast dims; rng (2,) int64 =
     (seed, offset) when dropout_p > 0."""
-    name = _select(q, v, dropout_p, backward=False)
+    name = _select(q, v, dropout_p)
     seed, offset = _seed_offset(rng)
     attn_mask = _expand_mask(attn_mask, q, k)
     if name == "cpu":
@@ -132,10 +116,10 @@ def _(q, k, v, attn_mask, is_causal, scale, dropout_p, rng):
 
 def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    attn_mask: Tensor | None, is_causal: bool, scale: float, dropout_p: float, rng: Tensor | None,
-                   need_dmask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   need_dmask: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (shaped like q, k, v) and, when need_dmask, the gradient of the additive mask, shaped and typed
-    like it (empty otherwise)."""
-    name = _select(q, v, dropout_p, backward=True)
+    like it (empty otherwise), run on `backend` (_backward_backend of the forward's)."""
+    name = backend
     seed, offset = _seed_offset(rng)
     mask_shape = None if attn_mask is None else attn_mask.shape
     attn_mask = _expand_mask(attn_mask, q, k)
@@ -163,7 +147,7 @@ sdpa_backward = torch.library.custom_op("fastseq::sdpa_backward", _backward_impl
 
 
 @sdpa_backward.register_fake
-def _(dout, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p, rng, need_dmask):
+def _(dout, q, k, v, out, lse, attn_mask, is_causal, scale, dropout_p, rng, need_dmask, backend):
     ds = attn_mask.new_empty(attn_mask.shape) if need_dmask else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
@@ -173,6 +157,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng)
     ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+    ctx.backend = _backward_backend(_select(q, v, dropout_p), q, v)  # recorded here, where the forward ran
 
 
 def _backward_with(backward_op):
@@ -190,7 +175,7 @@ def _backward_with(backward_op):
                     None, None, None, None)
         need_dmask = attn_mask is not None and ctx.needs_input_grad[3]
         dq, dk, dv, ds = backward_op(dout, q, k, v, out, lse, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p,
-                                     rng, need_dmask)
+                                     rng, need_dmask, ctx.backend)
         return dq, dk, dv, ds if need_dmask else None, None, None, None, None
 
     return backward

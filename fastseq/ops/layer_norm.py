@@ -31,12 +31,16 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _select(x: Tensor) -> str:
+    return backends.select("layer_norm", x.device, x.dtype, DTYPES)
+
+
 def _forward(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float
              ) -> tuple[Tensor, Tensor, Tensor]:
     """y, mean, rstd: layer norm over the trailing dims `normalized_shape`; mean and rstd have one entry per row."""
     x2, n = _flat(x, normalized_shape)
     w, b = _flat_param(weight, n, x.dtype), _flat_param(bias, n, x.dtype)
-    name = backends.select("layer_norm", x.device, x.dtype, DTYPES)
+    name = _select(x)
     if name in ("cpu", "cuda"):
         y, mean, rstd = backends.extension().layer_norm_fwd(x2, w, b, eps)
     elif name == "triton":
@@ -58,12 +62,13 @@ def _(x, normalized_shape, weight, bias, eps):
 
 
 def _backward_impl(dy: Tensor, x: Tensor, normalized_shape: list[int], weight: Tensor | None, mean: Tensor,
-                   rstd: Tensor, need_dweight: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """dx, dweight, dbias (dweight/dbias shaped like normalized_shape; empty where not needed)."""
+                   rstd: Tensor, need_dweight: bool, need_dbias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """dx, dweight, dbias (dweight/dbias shaped like normalized_shape; empty where not needed) on `backend` (the
+    forward's)."""
     x2, n = _flat(x, normalized_shape)
     dy2 = dy.reshape(-1, n).contiguous()
     w = _flat_param(weight, n, x.dtype)
-    name = backends.select("layer_norm", x.device, x.dtype, DTYPES)
+    name = backend
     if name in ("cpu", "cuda"):
         dx, dw, db = backends.extension().layer_norm_bwd(dy2, x2, w, mean, rstd, need_dweight, need_dbias)
     elif name == "triton":
@@ -83,7 +88,7 @@ layer_norm_backward = torch.library.custom_op("fastseq::layer_norm_backward", _b
 
 
 @layer_norm_backward.register_fake
-def _(dy, x, normalized_shape, weight, mean, rstd, need_dweight, need_dbias):
+def _(dy, x, normalized_shape, weight, mean, rstd, need_dweight, need_dbias, backend):
     p = x if weight is None else weight
     dw = p.new_empty(normalized_shape) if need_dweight else x.new_empty(0)
     db = p.new_empty(normalized_shape) if need_dbias else x.new_empty(0)
@@ -96,6 +101,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.normalized_shape, ctx.eps = normalized_shape, eps
     ctx.has_bias = bias is not None
+    ctx.backend = _select(x)  # recorded here, where the forward ran: the backward runs there too
 
 
 def _backward(ctx, dy, _dmean, _drstd):
@@ -108,7 +114,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     need_dw = weight is not None and ctx.needs_input_grad[2]
     need_db = ctx.has_bias and ctx.needs_input_grad[3]
     bwd = backward_op(ctx, layer_norm_backward, _backward_impl)
-    dx, dw, db = bwd(dy, x, ctx.normalized_shape, weight, mean, rstd, need_dw, need_db)
+    dx, dw, db = bwd(dy, x, ctx.normalized_shape, weight, mean, rstd, need_dw, need_db, ctx.backend)
     return dx, None, dw if need_dw else None, db if need_db else None, None
 
 
