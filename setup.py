@@ -85,7 +85,7 @@ def _with_cuda() -> bool:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = ["csrc/bindings.cpp"] + rel("csrc/cpu/*.cpp")
+    sources = ["csrc/bindings.cpp", "csrc/rnn_layer.cpp"] + rel("csrc/cpu/*.cpp")
     cxx = ["-O3"] + _cpu_flags()  # the C++ standard is torch's (C++20 for torch 2.13)
     if _compiler_accepts("-fopenmp"):
         cxx.append("-fopenmp")

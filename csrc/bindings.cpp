@@ -4,6 +4,9 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <memory>
+#include <string>
+
 #include "attention.h"
 #include "layer_norm.h"
 #include "rnn_cell.h"
@@ -26,6 +29,50 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 using OptString = std::optional<std::string>;
+
+// Step kernels written in Python (the Triton backend's) for the time loop: `steps` has an attribute in_place and
+// methods forward(gi, hg, h_prev, c_prev, h, c, gates) and backward(dh, dh_out, dc, dc_out, h_prev, c_prev, h, c,
+// gates, dgi, dgh) taking the step's rows as tensor views (None where absent; fastseq/kernels/rnn_layer.py).
+class PySteps final : public fastseq::CellSteps {
+ public:
+  PySteps(const fastseq::Layer& layer, const py::object& steps)
+      : CellSteps(layer), in_place_(steps.attr("in_place").cast<bool>()), forward_(steps.attr("forward")),
+        backward_(steps.attr("backward")) {}
+  bool in_place() const override { return in_place_; }
+  void forward(const fastseq::StepFwd& s) override {
+    const int64_t n = s.n;
+    forward_(view(s.gi, n), view(s.hg, n), view(s.h_prev, n), view(s.c_prev, n), view(s.h, n), view(s.c, n),
+             view(s.gates, n));
+  }
+  void backward(const fastseq::StepBwd& s) override {
+    const int64_t n = s.n;
+    backward_(view(s.dh, n), view(s.dh_out, n), view(s.dc, n), view(s.dc_out, n), view(s.h_prev, n),
+              view(s.c_prev, n), view(s.h, n), view(s.c, n), view(s.gates, n), view(s.dgi, n), view(s.dgh, n));
+  }
+
+ private:
+  static py::object view(const fastseq::Rows& rows, int64_t n) {
+    return rows ? py::cast(rows.view(n)) : py::none();
+  }
+  bool in_place_;
+  py::object forward_, backward_;
+};
+
+// The step kernels of a call: Python's `steps` where given, else those of x's device.
+fastseq::StepsFactory steps_factory(const at::Tensor& x, const py::object& steps) {
+  if (!steps.is_none()) {
+    return [steps](const fastseq::Layer& layer) -> std::unique_ptr<fastseq::CellSteps> {
+      return std::make_unique<PySteps>(layer, steps);
+    };
+  }
+#ifdef WITH_CUDA
+  if (x.is_cuda()) return fastseq::cuda::layer_steps;
+#else
+  TORCH_CHECK(!x.is_cuda(), "rnn_layer: fastseq._C was built without CUDA; rebuild where nvcc is found or with "
+                            "FASTSEQ_FORCE_CUDA=1");
+#endif
+  return fastseq::cpu::layer_steps;
+}
 
 }  // namespace
 
@@ -97,21 +144,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "why the CUDA C++ attention kernel cannot run these shapes, or None");
 #endif
 
-  // Sequence layers: one direction of one layer, the time loop on the host (csrc/rnn_layer.h).
+  // Sequence layers: one direction of one layer, the time loop of csrc/rnn_layer.cpp with the step kernels of the
+  // tensors' device, or those of `steps`, a Python object (fastseq.kernels.rnn_layer.LayerSteps: Triton's).
   m.def("rnn_layer_fwd", [](const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const OptTensor& c0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
-                            const OptTensor& b_hh, const OptTensor& w_hr, bool reverse, const OptTensor& batch_sizes) {
-    return FASTSEQ_DISPATCH(x, rnn_layer_fwd, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes);
-  }, "y, h_n, c_n, saved = rnn_layer_fwd(mode, x, h0, c0?, w_ih, w_hh, b_ih?, b_hh?, w_hr?, reverse, batch_sizes?)");
+                            const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& peephole, bool reverse,
+                            const OptTensor& batch_sizes, const py::object& steps) {
+    return fastseq::rnn_layer_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
+                                  steps_factory(x, steps));
+  }, "y, h_n, c_n, saved = rnn_layer_fwd(mode, x, h0, c0?, w_ih, w_hh, b_ih?, b_hh?, w_hr?, peephole?, reverse, "
+     "batch_sizes?, steps?)", py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
+     py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("peephole"), py::arg("reverse"),
+     py::arg("batch_sizes"), py::arg("steps") = py::none());
   m.def("rnn_layer_bwd", [](const std::string& mode, const at::Tensor& dy, const at::Tensor& dh_n,
                             const OptTensor& dc_n, const at::Tensor& x, const at::Tensor& h0, const OptTensor& c0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
-                            const OptTensor& b_hh, const OptTensor& w_hr, bool reverse,
-                            const OptTensor& batch_sizes, const std::vector<at::Tensor>& saved) {
-    return FASTSEQ_DISPATCH(x, rnn_layer_bwd, mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                            reverse, batch_sizes, saved);
-  }, "dx, dh0, dc0, [dw_ih, dw_hh, db_ih, db_hh, dw_hr] = rnn_layer_bwd(mode, dy, dh_n, dc_n?, x, h0, c0?, w_ih, "
-     "w_hh, b_ih?, b_hh?, w_hr?, reverse, batch_sizes?, saved)");
+                            const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& peephole, bool reverse,
+                            const OptTensor& batch_sizes, const std::vector<at::Tensor>& saved,
+                            const py::object& steps) {
+    return fastseq::rnn_layer_bwd(mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse,
+                                  batch_sizes, saved, steps_factory(x, steps));
+  }, "dx, dh0, dc0, [dw_ih, dw_hh, db_ih, db_hh, dw_hr, dpeephole] = rnn_layer_bwd(mode, dy, dh_n, dc_n?, x, h0, "
+     "c0?, w_ih, w_hh, b_ih?, b_hh?, w_hr?, peephole?, reverse, batch_sizes?, saved, steps?)", py::arg("mode"),
+     py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
+     py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("peephole"), py::arg("reverse"),
+     py::arg("batch_sizes"), py::arg("saved"), py::arg("steps") = py::none());
+  py::list modes;
+  for (const fastseq::ModeInfo& info : fastseq::kModes) {
+    modes.append(py::make_tuple(info.name, info.gates, info.saved, info.cell, info.peephole, info.projection));
+  }
+  m.attr("rnn_modes") = modes;  // (name, gates, saved, cell, peephole, projection): fastseq/modes.py's twin
 
   m.def("autocast_cast", [](const at::Tensor& t, at::ScalarType dtype) {
     return at::autocast::cached_cast(dtype, t, t.device().type());

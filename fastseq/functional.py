@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import backends, ops  # noqa: F401  (ops registers torch.ops.fastseq)
+from . import backends, modes, ops  # noqa: F401  (ops registers torch.ops.fastseq)
 from .errors import DeviceError, DTypeError, ShapeError
 from .ops._dispatch import needs_grad
 
@@ -361,23 +361,24 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 
 # ----------------------------------------------------------------------------------------------- sequence layers
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-
-
 def _layer_params(mode: str, input: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int,
-                  bidirectional: bool) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]]:
-    """Checks the flat parameter list (torch's order: per layer, per direction w_ih, w_hh, [b_ih, b_hh], [w_hr])
-    and returns (w_ih, w_hh, b_ih, b_hh, w_hr) per layer direction."""
-    gates, dirs = _GATES[mode], 2 if bidirectional else 1
+                  bidirectional: bool) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None,
+                                                     Tensor | None]]:
+    """Checks the flat parameter list (torch's order: per layer, per direction w_ih, w_hh, [b_ih, b_hh], [w_hr],
+    then [w_peephole] for peephole_lstm) and returns (w_ih, w_hh, b_ih, b_hh, w_hr, peephole) per layer
+    direction."""
+    m = modes.mode(mode)
+    gates, dirs = m.gates, 2 if bidirectional else 1
     if not isinstance(num_layers, numbers.Integral) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    per = 2 + 2 * bool(has_biases)
+    per = 2 + 2 * bool(has_biases) + m.peephole
     count = len(params)
-    proj = mode == "lstm" and count == num_layers * dirs * (per + 1)
+    proj = m.projection and count == num_layers * dirs * (per + 1)
     if count != num_layers * dirs * (per + proj):
         raise ShapeError(f"params must hold {num_layers * dirs * per} tensors ({num_layers} layers x {dirs} "
-                         f"directions x [w_ih, w_hh{', b_ih, b_hh' if has_biases else ''}]"
-                         f"{', + w_hr each for an LSTM with projections' if mode == 'lstm' else ''}), got {count}")
+                         f"directions x [w_ih, w_hh{', b_ih, b_hh' if has_biases else ''}"
+                         f"{', w_peephole' if m.peephole else ''}]"
+                         f"{', + w_hr each for an LSTM with projections' if m.projection else ''}), got {count}")
     per += proj
     out = []
     hidden = hout = None
@@ -389,7 +390,8 @@ def _layer_params(mode: str, input: Tensor, params: Sequence[Tensor], has_biases
             _check_like(t, input, f"params[{i * per + j}] (of {name})", "input")
         w_ih, w_hh = w[0], w[1]
         b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-        w_hr = w[-1] if proj else None
+        w_hr = w[2 + 2 * bool(has_biases)] if proj else None
+        peephole = w[-1] if m.peephole else None
         if hidden is None:
             if w_hh.dim() != 2 or w_hh.shape[0] % gates:
                 raise ShapeError(f"weight_hh_{name} must have shape [{gates}*hidden_size, hidden_size], got "
@@ -402,10 +404,11 @@ def _layer_params(mode: str, input: Tensor, params: Sequence[Tensor], has_biases
                              f"{w_ih.shape[1] if w_ih.dim() == 2 else '?'}, got {in_size}")
         for t, pname, shape in ((w_ih, "weight_ih", (gates * hidden, in_size)), (w_hh, "weight_hh",
                                 (gates * hidden, hout)), (b_ih, "bias_ih", (gates * hidden,)),
-                                (b_hh, "bias_hh", (gates * hidden,)), (w_hr, "weight_hr", (hout, hidden))):
+                                (b_hh, "bias_hh", (gates * hidden,)), (w_hr, "weight_hr", (hout, hidden)),
+                                (peephole, "weight_peephole", (3, hidden))):
             if t is not None and tuple(t.shape) != shape:
                 raise ShapeError(f"{pname}_{name} must have shape {list(shape)}, got {list(t.shape)}")
-        out.append((w_ih, w_hh, b_ih, b_hh, w_hr))
+        out.append((w_ih, w_hh, b_ih, b_hh, w_hr, peephole))
     return out
 
 
@@ -428,8 +431,9 @@ def _direction(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: tup
     """One layer direction: y, h_n, c_n of fastseq::rnn_layer over x (T, N, C) or packed data with batch_sizes; in
     chunks of steps (ops.rnn_layer.apply per chunk, the state carried over) when nothing needs grad."""
     steps = len(batch_sizes) if batch_sizes is not None else x.shape[0]
-    hidden = weights[1].shape[0] // _GATES[mode]
-    step_bytes = h0.shape[0] * (4 * hidden if mode in ("lstm", "gru") else hidden) * x.element_size()  # its gates
+    m = modes.mode(mode)
+    hidden = weights[1].shape[0] // m.gates
+    step_bytes = h0.shape[0] * max(m.saved, 1) * hidden * x.element_size()  # its gates
     chunk = max(1, _CHUNK_BYTES // max(1, step_bytes))
     if chunk >= steps or needs_grad(x, h0, c0, *weights) or torch.compiler.is_compiling():
         return ops.rnn_layer.apply(mode, x, h0, c0, *weights, reverse, batch_sizes)
@@ -522,9 +526,9 @@ def _sequence(mode: str, input: Tensor, hx, params: Sequence[Tensor], has_biases
         raise ShapeError(f"Expected sequence length to be larger than 0, got input of shape {list(input.shape)}")
     n = int(batch_sizes[0]) if batch_sizes is not None else x.shape[1]
     w_hh, w_hr = layers[0][1], layers[0][4]
-    hidden = w_hh.shape[0] // _GATES[mode]
+    hidden = w_hh.shape[0] // modes.mode(mode).gates
     hout = hidden if w_hr is None else w_hr.shape[0]
-    lstm = mode == "lstm"
+    lstm = modes.mode(mode).cell
     if hx is None:
         h0 = x.new_zeros(num_layers * dirs, n, hout)
         c0 = x.new_zeros(num_layers * dirs, n, hidden) if lstm else None
@@ -569,6 +573,18 @@ def lstm(input: Tensor, hx: Sequence[Tensor] | None, params: Sequence[Tensor], h
     outputs of every layer but the last when `train`. Returns output (T, N, D*Hout) (or packed data), h_n, c_n."""
     return _sequence("lstm", input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                      batch_sizes)
+
+
+@_autocast(cpu="packed_state", cuda="lower")
+def peephole_lstm(input: Tensor, hx: Sequence[Tensor] | None, params: Sequence[Tensor], has_biases: bool = True,
+                  num_layers: int = 1, dropout: float = 0.0, train: bool = False, bidirectional: bool = False,
+                  batch_first: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A multi-layer peephole LSTM over a sequence: as lstm, with the gates seeing the cell state through the
+    peephole weights p = [p_i; p_f; p_o] (3, H) of each layer direction: i = sigmoid(.. + p_i*c),
+    f = sigmoid(.. + p_f*c), o = sigmoid(.. + p_o*c'). params as lstm's with w_peephole last per layer direction
+    (after w_hr). Returns output, h_n, c_n."""
+    return _sequence("peephole_lstm", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                     batch_first, batch_sizes)
 
 
 @_autocast(cpu="state", cuda="lower")

@@ -109,9 +109,10 @@ def rnn_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | No
 # ---------------------------------------------------------------------------------------------- sequence layers
 def rnn_layer(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
               b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None,
-              reverse: bool = False, batch_sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+              reverse: bool = False, batch_sizes: Tensor | None = None, peephole: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One direction of one recurrent layer over a sequence, a time loop over lstm_cell / gru_cell / rnn_cell.
-    mode: "lstm", "gru", "rnn_tanh", "rnn_relu". x (T, N, C) time-major, or packed (sum(batch_sizes), C) with
+    mode: "lstm", "peephole_lstm" (lstm_cell with peephole (3, H)), "gru", "rnn_tanh", "rnn_relu". x (T, N, C) time-major, or packed (sum(batch_sizes), C) with
     batch_sizes (T,) non-increasing (PackedSequence's layout): step t then updates rows [0, batch_sizes[t]) of the
     state only, the other rows keep theirs. reverse runs t = T-1 .. 0. h0 (N, Hout), c0 (N, H) (LSTM);
     w_hr (Hout, H) projects the LSTM's h: h_t = (o * tanh(c_t)) W_hr^T. Returns y (T, N, Hout) (packed:
@@ -120,7 +121,7 @@ def rnn_layer(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor,
     cd = _compute_dtype(x)
     x, h, c = x.to(cd), h0.to(cd), None if c0 is None else c0.to(cd)
     w_ih, w_hh = w_ih.to(cd), w_hh.to(cd)
-    b_ih, b_hh, w_hr = (None if t is None else t.to(cd) for t in (b_ih, b_hh, w_hr))
+    b_ih, b_hh, w_hr, peephole = (None if t is None else t.to(cd) for t in (b_ih, b_hh, w_hr, peephole))
     n_all = h.shape[0]
     if batch_sizes is None:
         sizes, xs = [n_all] * x.shape[0], list(x.unbind(0))
@@ -130,8 +131,8 @@ def rnn_layer(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor,
     ys: list[Tensor | None] = [None] * len(sizes)
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         n = sizes[t]
-        if mode == "lstm":
-            hn, cn = lstm_cell(xs[t], (h[:n], c[:n]), w_ih, w_hh, b_ih, b_hh)
+        if mode in ("lstm", "peephole_lstm"):
+            hn, cn = lstm_cell(xs[t], (h[:n], c[:n]), w_ih, w_hh, b_ih, b_hh, peephole)
             if w_hr is not None:
                 hn = hn @ w_hr.t()
             c = cn if n == n_all else torch.cat([cn, c[n:]])
@@ -140,7 +141,7 @@ def rnn_layer(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor,
         elif mode in ("rnn_tanh", "rnn_relu"):
             hn = rnn_cell(xs[t], h[:n], w_ih, w_hh, b_ih, b_hh, mode[4:])
         else:
-            raise ValueError(f"mode must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got {mode!r}")
+            raise ValueError(f"mode must be 'lstm', 'peephole_lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got {mode!r}")
         h = hn if n == n_all else torch.cat([hn, h[n:]])
         ys[t] = hn
     y = torch.stack(ys) if batch_sizes is None else torch.cat(ys)

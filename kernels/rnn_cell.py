@@ -180,25 +180,26 @@ def _lstm_fwd_kernel(
 
 @triton.jit
 def _gru_fwd_kernel(
-    ig_ptr,    # (N, 3H) x W_ih^T, contiguous
+    ig_ptr,    # (N, 3H) x W_ih^T, row stride ig_stride (3H, or 4H where it is the first columns of ws, in place)
     hg_ptr,    # (N, 3H) h W_hh^T, contiguous
     hx_ptr,    # (N, H)
     b_ih_ptr,  # (3H,), read only when HAS_BIAS
     b_hh_ptr,  # (3H,), read only when HAS_BIAS
     hy_ptr,    # (N, H) out
     ws_ptr,    # (N, 4H) out: [r, z, n, hn]
-    N, H,
+    N, H, ig_stride,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (rows < N)[:, None] & (cols < H)[None, :]
     g_off = rows.to(tl.int64)[:, None] * (3 * H) + cols[None, :]
-    pre_r = tl.load(ig_ptr + g_off, mask=mask, other=0.0).to(tl.float32) \
+    i_off = rows.to(tl.int64)[:, None] * ig_stride + cols[None, :]
+    pre_r = tl.load(ig_ptr + i_off, mask=mask, other=0.0).to(tl.float32) \
         + tl.load(hg_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
-    pre_z = tl.load(ig_ptr + g_off + H, mask=mask, other=0.0).to(tl.float32) \
+    pre_z = tl.load(ig_ptr + i_off + H, mask=mask, other=0.0).to(tl.float32) \
         + tl.load(hg_ptr + g_off + H, mask=mask, other=0.0).to(tl.float32)
-    ig_n = tl.load(ig_ptr + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    ig_n = tl.load(ig_ptr + i_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
     hg_n = tl.load(hg_ptr + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
     hx = tl.load(hx_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     _gru_epilogue(pre_r, pre_z, ig_n, hg_n, hx, rows, cols, N, H, b_ih_ptr, b_hh_ptr, hy_ptr, ws_ptr, HAS_BIAS)
@@ -614,7 +615,7 @@ def gru_cell_fwd(igates: torch.Tensor, hgates: torch.Tensor, hx: torch.Tensor, b
     ws = hx.new_empty((n, 4 * h))
     if n and h:
         _gru_fwd_kernel[_pw_grid(n, h)](
-            igates.contiguous(), hgates.contiguous(), hx.contiguous(), b_ih, b_hh, hy, ws, n, h,
+            igates.contiguous(), hgates.contiguous(), hx.contiguous(), b_ih, b_hh, hy, ws, n, h, 3 * h,
             HAS_BIAS=has_bias, BLOCK_N=PW_BLOCK_N, BLOCK_H=PW_BLOCK_H, num_warps=PW_WARPS)
     return hy, ws
 

@@ -206,7 +206,7 @@ def test_op_against_reference(backend, device, dtype, kind, reverse, packed):
     leaves = [None if a is None else a.detach().to(device, dtype).requires_grad_() for a in args]
     atol, rtol = (1e-12, 1e-10) if dtype == torch.float64 else TOL[dtype]
     with on_backend(backend):
-        got = [t for t in op.apply(mode, *leaves, reverse, batch_sizes) if t is not None]
+        got = [t for t in op.apply(mode, *leaves, None, reverse, batch_sizes) if t is not None]
     want = [t for t in reference.rnn_layer(mode, *want_leaves, reverse, batch_sizes) if t is not None]
     for g, w, name in zip(got, want, ["y", "h_n", "c_n"]):
         assert_close(g, w, atol, rtol, name)
@@ -241,7 +241,7 @@ def test_cpu_time_loop_in_one_parallel_region(kind, packed, reverse, threads):
     torch.set_num_threads(threads)
     try:
         with on_backend("cpu"):
-            got = [t for t in op.apply(kind, *leaves, reverse, batch_sizes) if t is not None]
+            got = [t for t in op.apply(kind, *leaves, None, reverse, batch_sizes) if t is not None]
             gg = torch.autograd.grad(got, [a for a in leaves if a is not None], [d.float() for d in douts])
     finally:
         torch.set_num_threads(before)
@@ -494,7 +494,7 @@ def _opcheck(kind: str, backend: str, device: str, dtype: torch.dtype) -> None:
     G, hout = GATES[mode], P or H
     params = [rn(G * H, C), rn(G * H, hout), rn(G * H), rn(G * H), rn(P, H) if P else None]
     for x, bs, reverse in ((rn(3, 2, C), None, False), (rn(4, C), torch.tensor([2, 1, 1]), True)):
-        args = (mode, x, rn(2, hout), rn(2, H) if mode == "lstm" else None, *params, reverse, bs)
+        args = (mode, x, rn(2, hout), rn(2, H) if mode == "lstm" else None, *params, None, reverse, bs)
         with on_backend(backend):
             torch.library.opcheck(torch.ops.fastseq.rnn_layer, args)
 

@@ -144,7 +144,8 @@ inline int64_t lstm_fwd_span(int64_t j, int64_t end, int64_t H, const scalar_t* 
 }
 
 // One row. dhy, dcy, cx, cy, dcx: (H); ws: (4H) [i, f, g, o]; dg: (4H) d(pre-activations);
-// peep: (3H) opmath; acc: (3H) opmath running sums of the peephole gradient terms for this row's chunk.
+// peep: (3H) opmath; acc: (3H) opmath running sums of the peephole gradient terms for this row's chunk, or null
+// (a layer sums them over all steps afterwards).
 template <typename scalar_t, bool kVec, bool kPeep>
 inline int64_t lstm_bwd_span(int64_t j, int64_t end, int64_t H, const scalar_t* dhy, const scalar_t* dcy,
                              const scalar_t* cx, const scalar_t* cy, const scalar_t* ws,
@@ -171,9 +172,11 @@ inline int64_t lstm_bwd_span(int64_t j, int64_t end, int64_t H, const scalar_t* 
     V dc = dct * f;
     if constexpr (kPeep) {
       dc = dc + di_pre * L::load(peep + j) + df_pre * L::load(peep + H + j);
-      L::store(acc + j, L::load(acc + j) + di_pre * c);
-      L::store(acc + H + j, L::load(acc + H + j) + df_pre * c);
-      L::store(acc + 2 * H + j, L::load(acc + 2 * H + j) + do_pre * c_new);
+      if (acc != nullptr) {
+        L::store(acc + j, L::load(acc + j) + di_pre * c);
+        L::store(acc + H + j, L::load(acc + H + j) + df_pre * c);
+        L::store(acc + 2 * H + j, L::load(acc + 2 * H + j) + do_pre * c_new);
+      }
     }
     L::store(dg + j, di_pre);
     L::store(dg + H + j, df_pre);

@@ -1,23 +1,19 @@
-// CPU kernels of the recurrent layers: one direction of one layer over a whole sequence (LSTM with optional
-// projection, GRU, Elman RNN), forward and backward, with the time loop in C++.
-// Forward: gi = x W_ih^T for all steps in one GEMM; per step hg = h W_hh^T (one GEMM into a preallocated buffer)
-// and the fused cell row kernels of rnn_cell_kernels.h, which read their rows straight out of the sequence buffers
-// and write h, c and the activated gates straight into them (no per-step allocation); with a projection the step
-// ends with h = (o * tanh(c)) W_hr^T. Backward runs the fused pointwise backward per step in reverse order, keeps
-// the gate gradients of all steps in one (rows, G*H) buffer and computes dx, dW_ih, dW_hh, db and dW_hr as a few
-// GEMMs over all steps. Packed sequences run each step on its active rows only. Gate math in
+// CPU step kernels of the recurrent layers (csrc/rnn_layer.h's CellSteps): the time loop is csrc/rnn_layer.cpp's;
+// this file gives it the fused cell row kernels of rnn_cell_kernels.h, which read their rows straight out of the
+// sequence buffers and write h, c and the activated gates straight into them, in place (no per-step allocation),
+// the recurrent GEMMs, and the whole time loop in one parallel region for float32 layers of few rows. Gate math in
 // at::opmath_type<scalar_t>; buffers in the input dtype. Supported dtypes: float32, float64, bfloat16. The per-step
 // recurrent GEMMs (h W_hh^T forward, dgates W_hh backward) of float32 steps with few rows run a hand-written GEMM on
 // W_hh packed once per call; others call the library GEMM. Float32 layers of few rows without projection run the
 // whole time loop in one parallel region, the hidden units split between threads (forward_sliced, backward_sliced).
 #include "rnn_layer.h"
-#include "rnn_schedule.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -29,80 +25,11 @@ namespace {
 
 using namespace cell;
 
-enum class Mode { kLstm, kGru, kRnnTanh, kRnnRelu };
-
-Mode parse_mode(const char* fn, const std::string& mode) {
-  TORCH_CHECK(mode == "lstm" || mode == "gru" || mode == "rnn_tanh" || mode == "rnn_relu", fn,
-              ": expected mode 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '", mode, "'");
-  return mode == "lstm" ? Mode::kLstm : mode == "gru" ? Mode::kGru : mode == "rnn_tanh" ? Mode::kRnnTanh
-                                                                                         : Mode::kRnnRelu;
-}
-
-int64_t gate_count(Mode mode) { return mode == Mode::kLstm ? 4 : mode == Mode::kGru ? 3 : 1; }
-
-at::Tensor contiguous_or_none(const std::optional<at::Tensor>& t) {
-  return present(t) ? t->contiguous() : at::Tensor();
-}
-
-// The validated, contiguous operands of one layer direction.
-struct Layer {
-  Mode mode;
-  int64_t G, H, Hout, C, N;
-  at::ScalarType dtype;
-  bool proj;
-  at::Tensor x2d, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh;
-
-  Layer(const char* fn, const std::string& mode_name, const at::Tensor& x, const at::Tensor& h0_,
-        const std::optional<at::Tensor>& c0_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-        const std::optional<at::Tensor>& b_ih_, const std::optional<at::Tensor>& b_hh_,
-        const std::optional<at::Tensor>& w_hr_, bool packed)
-      : mode(parse_mode(fn, mode_name)), G(gate_count(mode)), proj(present(w_hr_)) {
-    TORCH_CHECK(x.defined() && x.device().is_cpu(), fn, ": expected x to be a CPU tensor");
-    dtype = x.scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, fn,
-                ": expected x of dtype Float, Double or BFloat16, got ", dtype);
-    TORCH_CHECK(x.dim() == (packed ? 2 : 3), fn, ": expected x of ", packed ? "2 dims (sum(batch_sizes), C)" :
-                "3 dims (T, N, C)", ", got shape ", x.sizes());
-    TORCH_CHECK(w_ih_.defined() && w_ih_.dim() == 2 && w_ih_.size(0) % G == 0, fn, ": expected w_ih of shape (",
-                G, "*H, C), got ", w_ih_.defined() ? w_ih_.sizes() : at::IntArrayRef{});
-    H = w_ih_.size(0) / G;
-    C = w_ih_.size(1);
-    check_tensor(fn, "w_ih", w_ih_, {G * H, C}, dtype, false);
-    TORCH_CHECK(x.size(-1) == C, fn, ": expected x with ", C, " features (w_ih's input size), got shape ", x.sizes());
-    TORCH_CHECK(!proj || mode == Mode::kLstm, fn, ": w_hr (projection) is only supported for mode 'lstm'");
-    Hout = proj ? w_hr_->size(0) : H;
-    if (proj) check_tensor(fn, "w_hr", *w_hr_, {Hout, H}, dtype, false);
-    check_tensor(fn, "w_hh", w_hh_, {G * H, Hout}, dtype, false);
-    check_optional(fn, "b_ih", b_ih_, {G * H}, dtype, false);
-    check_optional(fn, "b_hh", b_hh_, {G * H}, dtype, false);
-    TORCH_CHECK(h0_.defined() && h0_.dim() == 2, fn, ": expected h0 of shape (N, ", Hout, "), got ",
-                h0_.defined() ? h0_.sizes() : at::IntArrayRef{});
-    N = packed ? h0_.size(0) : x.size(1);  // packed: batch_sizes[0] is checked against it
-    check_tensor(fn, "h0", h0_, {N, Hout}, dtype, false);
-    if (mode == Mode::kLstm) {
-      TORCH_CHECK(present(c0_), fn, ": expected c0 for mode 'lstm', got none");
-      check_tensor(fn, "c0", *c0_, {N, H}, dtype, false);
-      c0 = c0_->contiguous();
-    } else {
-      TORCH_CHECK(!present(c0_), fn, ": expected no c0 for mode '", mode_name, "'");
-    }
-    x2d = x.contiguous().view({packed ? x.size(0) : x.size(0) * x.size(1), C});
-    h0 = h0_.contiguous();
-    w_ih = w_ih_.contiguous();
-    w_hh = w_hh_.contiguous();
-    w_hr = contiguous_or_none(w_hr_);
-    b_ih = contiguous_or_none(b_ih_);
-    b_hh = contiguous_or_none(b_hh_);
-  }
-
-  // The bias the forward row kernels add: b_ih + b_hh (G*H), or the GRU layout (4H), in the op-math dtype.
-  at::Tensor row_bias() const {
-    return mode == Mode::kGru ? gru_bias(b_ih, b_hh, H, dtype) : summed_bias(b_ih, b_hh, G * H, dtype);
-  }
-};
-
 // out = a @ b into a view of a preallocated buffer.
-void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+void mm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor o = out;
+  at::mm_out(o, a, b);
+}
 
 // ---- small-batch recurrent GEMM (float32) ----
 // A step's h W_hh^T at a few rows is a thin GEMM that a library call runs far from peak. The right-hand side B
@@ -112,13 +39,6 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_
 // then runs all of its rows against one panel at a time with the rows' accumulators in registers.
 // A panel is two float vectors wide: 16 columns with AVX2, 32 with AVX-512.
 constexpr int64_t kPanel = 2 * Vectorized<float>::size();
-// Layers of at most this many rows use the packed GEMM (measured at one thread, H = 512: faster than the library
-// GEMM up to 16 rows, on par or faster at 64 and 128).
-constexpr int64_t kSmallRows = 64;
-// Layers of at most this many rows run the whole time loop in one parallel region (forward_sliced, backward_sliced).
-// Measured on 2 cores, H = 512: on par with a parallel region per GEMM and per cell update at 16 rows, 10-20% slower
-// at 32 and 64 rows, several times faster at 1 row with H = 128.
-constexpr int64_t kSlicedRows = 16;
 
 using VecF = Vectorized<float>;
 constexpr int64_t kVecs = kPanel / VecF::size();  // vectors per panel row
@@ -301,43 +221,35 @@ void run_workers(int64_t workers, int64_t panels, const F& body) {
   });
 }
 
-// ---- the cell update of one row of a step ----
-// The forward cell update of row r of step k over hidden units [j0, j1), reading its inputs from and writing its
-// outputs into the sequence buffers (rows = S.total): gates (rows, gw) x W_ih^T in its first G*H columns, the
-// activated gates out; hg (N, G*H) h W_hh^T of the step; h0 (N, H), c0 (N, H) (LSTM, else null); bias as
-// Layer::row_bias; y (rows, H) h of every step (the GRU's previous h); h_raw (rows, H) where the LSTM writes
-// o * tanh(c) (y without projection); c_all (rows, H) c of every step (LSTM, else null).
-template <typename scalar_t>
-struct ForwardRow {
-  Mode mode;
-  int64_t H, gw;
-  scalar_t* gates;
-  scalar_t* hg;  // written by the step's recurrent GEMM, read here
-  const scalar_t* h0;
-  const scalar_t* c0;
-  const at::opmath_type<scalar_t>* bias;
-  scalar_t* y;
-  scalar_t* h_raw;
-  scalar_t* c_all;
 
-  void operator()(const Schedule& S, int64_t k, int64_t r, int64_t j0, int64_t j1) const {
-    const int64_t row = S.off[k] + r, prev_row = k > 0 ? S.off[k - 1] + r : 0;
-    const bool continues = r < S.prev[k];
-    scalar_t* g = gates + row * gw;
-    const scalar_t* hg_row = hg + r * gate_count(mode) * H;
+// ---- the cell update of rows of a step ----
+// The forward cell update of rows [r0, r1) of a step segment over hidden units [j0, j1). bias: as CpuSteps::bias;
+// peep: (3H) opmath, or null.
+template <typename T>
+void forward_rows(Mode mode, int64_t H, const StepFwd& s, const at::opmath_type<T>* bias,
+                  const at::opmath_type<T>* peep, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* ig = s.gi.at<T>() + r * s.gi.stride();
+    const T* hg = s.hg.at<T>() + r * s.hg.stride();
+    T* h = s.h.at<T>() + r * s.h.stride();
     switch (mode) {
-      case Mode::kLstm: {
-        const scalar_t* cx = continues ? c_all + prev_row * H : c0 + r * H;
+      case Mode::kLstm:
+      case Mode::kPeepholeLstm: {
+        const T* cx = s.c_prev.at<T>() + r * s.c_prev.stride();
+        T* cy = s.c.at<T>() + r * s.c.stride();
+        T* ws = s.gates.at<T>() + r * s.gates.stride();
         over_h([&](auto vec, int64_t j) {
-          return lstm_fwd_span<scalar_t, decltype(vec)::value, false>(j, j1, H, g, hg_row, cx, bias, nullptr,
-                                                                      h_raw + row * H, c_all + row * H, g);
+          constexpr bool kVec = decltype(vec)::value;
+          return peep ? lstm_fwd_span<T, kVec, true>(j, j1, H, ig, hg, cx, bias, peep, h, cy, ws)
+                      : lstm_fwd_span<T, kVec, false>(j, j1, H, ig, hg, cx, bias, nullptr, h, cy, ws);
         }, j0);
         break;
       }
       case Mode::kGru: {
-        const scalar_t* hx = continues ? y + prev_row * H : h0 + r * H;
+        const T* hx = s.h_prev.at<T>() + r * s.h_prev.stride();
+        T* ws = s.gates.at<T>() + r * s.gates.stride();
         over_h([&](auto vec, int64_t j) {
-          return gru_fwd_span<scalar_t, decltype(vec)::value>(j, j1, H, g, hg_row, hx, bias, y + row * H, g);
+          return gru_fwd_span<T, decltype(vec)::value>(j, j1, H, ig, hg, hx, bias, h, ws);
         }, j0);
         break;
       }
@@ -346,114 +258,60 @@ struct ForwardRow {
         const bool relu = mode == Mode::kRnnRelu;
         over_h([&](auto vec, int64_t j) {
           constexpr bool kVec = decltype(vec)::value;
-          return relu ? rnn_fwd_span<scalar_t, kVec, true>(j, j1, g, hg_row, bias, y + row * H)
-                      : rnn_fwd_span<scalar_t, kVec, false>(j, j1, g, hg_row, bias, y + row * H);
+          return relu ? rnn_fwd_span<T, kVec, true>(j, j1, ig, hg, bias, h)
+                      : rnn_fwd_span<T, kVec, false>(j, j1, ig, hg, bias, h);
         }, j0);
         break;
       }
     }
   }
-};
-
-// The backward cell update of row r of step k over hidden units [j0, j1): dh (N, H) d h_t of the step's rows in
-// (the GRU writes the direct term d h_{t-1} = d h_t * z back); dhy (N, H) the LSTM's d(o * tanh(c)) (dh without
-// projection); dc (N, H) d c_t in, d c_{t-1} out (LSTM, else null); h_seq (rows, H) h of every step; ws (rows, 4H)
-// the saved gates (LSTM, GRU); c_all (rows, H) (LSTM); h0, c0 (N, H); dgi, dgh (rows, G*H) the gate gradients out
-// (dgh: the GRU's recurrent side, else the same as dgi).
-template <typename scalar_t>
-struct BackwardRow {
-  Mode mode;
-  int64_t H;
-  scalar_t* dh;
-  const scalar_t* dhy;
-  scalar_t* dc;
-  const scalar_t* h_seq;
-  const scalar_t* ws;
-  const scalar_t* c_all;
-  const scalar_t* h0;
-  const scalar_t* c0;
-  scalar_t* dgi;
-  scalar_t* dgh;
-
-  void operator()(const Schedule& S, int64_t k, int64_t r, int64_t j0, int64_t j1) const {
-    const int64_t row = S.off[k] + r, prev_row = k > 0 ? S.off[k - 1] + r : 0, GH = gate_count(mode) * H;
-    const bool continues = r < S.prev[k];
-    switch (mode) {
-      case Mode::kLstm: {
-        const scalar_t* cx = continues ? c_all + prev_row * H : c0 + r * H;
-        // the kernel reads each element of dc before writing it
-        over_h([&](auto vec, int64_t j) {
-          return lstm_bwd_span<scalar_t, decltype(vec)::value, false>(j, j1, H, dhy + r * H, dc + r * H, cx,
-                                                                      c_all + row * H, ws + row * 4 * H, nullptr,
-                                                                      dgi + row * GH, dc + r * H, nullptr);
-        }, j0);
-        break;
-      }
-      case Mode::kGru: {
-        const scalar_t* hx = continues ? h_seq + prev_row * H : h0 + r * H;
-        over_h([&](auto vec, int64_t j) {
-          return gru_bwd_span<scalar_t, decltype(vec)::value>(j, j1, H, dh + r * H, hx, ws + row * 4 * H,
-                                                              dgi + row * GH, dgh + row * GH, dh + r * H);
-        }, j0);
-        break;
-      }
-      case Mode::kRnnTanh:
-      case Mode::kRnnRelu: {
-        const bool relu = mode == Mode::kRnnRelu;
-        over_h([&](auto vec, int64_t j) {
-          constexpr bool kVec = decltype(vec)::value;
-          return relu ? rnn_bwd_span<scalar_t, kVec, true>(j, j1, dh + r * H, h_seq + row * H, dgi + row * H)
-                      : rnn_bwd_span<scalar_t, kVec, false>(j, j1, dh + r * H, h_seq + row * H, dgi + row * H);
-        }, j0);
-        break;
-      }
-    }
-  }
-};
-
-// The forward time loop of a float32 layer without projection in one parallel region. W: W_hh^T packed (K = H,
-// G groups of H columns); cell: the row update and its buffers (h_raw = y).
-void forward_sliced(const Schedule& S, const Panels& W, const ForwardRow<float>& cell) {
-  const int64_t H = cell.H, G = gate_count(cell.mode), GH = G * H;
-  float* hg = cell.hg;
-  const int64_t workers = worker_count(S.N, GH, H, W.per_group);
-  run_workers(workers, W.per_group, [&](int64_t p0, int64_t p1, int64_t weight, Barrier& barrier) {
-    const int64_t j0 = p0 * kPanel, j1 = std::min(p1 * kPanel, H);
-    for (int64_t k = 0; k < S.T; ++k) {
-      const int64_t n = S.rows[k], np = S.prev[k], off_prev = k > 0 ? S.off[k - 1] : 0;
-      // this worker's columns of h W_hh^T for every gate
-      for (int64_t g = 0; g < G; ++g) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t i = g * W.per_group + p;
-          if (np > 0) panel_gemm(W, i, cell.y + off_prev * H, H, np, hg, GH, false);
-          if (n > np) panel_gemm(W, i, cell.h0 + np * H, H, n - np, hg + np * GH, GH, false);
-        }
-      }
-      for (int64_t r = 0; r < n; ++r) cell(S, k, r, j0, j1);
-      barrier.wait(weight);  // the next step reads all of h
-    }
-  });
 }
 
-// The backward time loop of a float32 layer without projection in one parallel region. W: W_hh packed (K = G*H,
-// H columns); dy (rows, H); cell: the row update and its buffers (dhy = dh).
-void backward_sliced(const Schedule& S, const Panels& W, const float* dy, const BackwardRow<float>& cell) {
-  const int64_t H = cell.H, GH = gate_count(cell.mode) * H;
-  const bool gru = cell.mode == Mode::kGru;
-  const int64_t workers = worker_count(S.N, H, GH, W.per_group);
-  run_workers(workers, W.per_group, [&](int64_t p0, int64_t p1, int64_t weight, Barrier& barrier) {
-    const int64_t j0 = p0 * kPanel, j1 = std::min(p1 * kPanel, H);
-    for (int64_t k = S.T - 1; k >= 0; --k) {
-      const int64_t n = S.rows[k], off = S.off[k];
-      for (int64_t r = 0; r < n; ++r) {
-        for (int64_t j = j0; j < j1; ++j) cell.dh[r * H + j] += dy[(off + r) * H + j];
-        cell(S, k, r, j0, j1);
+// The backward cell update of rows [r0, r1) of a step segment over hidden units [j0, j1); peep as forward_rows.
+// The kernels read each element of dc (lstm) and dh (gru) before writing it, so dc_out / dh_out may alias them.
+template <typename T>
+void backward_rows(Mode mode, int64_t H, const StepBwd& s, const at::opmath_type<T>* peep, int64_t r0, int64_t r1,
+                   int64_t j0, int64_t j1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* dh = s.dh.at<T>() + r * s.dh.stride();
+    T* dgi = s.dgi.at<T>() + r * s.dgi.stride();
+    switch (mode) {
+      case Mode::kLstm:
+      case Mode::kPeepholeLstm: {
+        const T* dc = s.dc.at<T>() + r * s.dc.stride();
+        const T* cx = s.c_prev.at<T>() + r * s.c_prev.stride();
+        const T* cy = s.c.at<T>() + r * s.c.stride();
+        const T* ws = s.gates.at<T>() + r * s.gates.stride();
+        T* dcx = s.dc_out.at<T>() + r * s.dc_out.stride();
+        over_h([&](auto vec, int64_t j) {
+          constexpr bool kVec = decltype(vec)::value;
+          return peep ? lstm_bwd_span<T, kVec, true>(j, j1, H, dh, dc, cx, cy, ws, peep, dgi, dcx, nullptr)
+                      : lstm_bwd_span<T, kVec, false>(j, j1, H, dh, dc, cx, cy, ws, nullptr, dgi, dcx, nullptr);
+        }, j0);
+        break;
       }
-      barrier.wait(weight);  // the recurrent GEMM reads every gate gradient of the step
-      // d h_{t-1} (this worker's columns) = dgates W_hh (+ the direct term for GRU)
-      for (int64_t p = p0; p < p1; ++p) panel_gemm(W, p, cell.dgh + off * GH, GH, n, cell.dh, H, gru);
+      case Mode::kGru: {
+        const T* hx = s.h_prev.at<T>() + r * s.h_prev.stride();
+        const T* ws = s.gates.at<T>() + r * s.gates.stride();
+        T* dgh = s.dgh.at<T>() + r * s.dgh.stride();
+        T* dhx = s.dh_out.at<T>() + r * s.dh_out.stride();
+        over_h([&](auto vec, int64_t j) {
+          return gru_bwd_span<T, decltype(vec)::value>(j, j1, H, dh, hx, ws, dgi, dgh, dhx);
+        }, j0);
+        break;
+      }
+      case Mode::kRnnTanh:
+      case Mode::kRnnRelu: {
+        const bool relu = mode == Mode::kRnnRelu;
+        const T* hy = s.h.at<T>() + r * s.h.stride();
+        over_h([&](auto vec, int64_t j) {
+          constexpr bool kVec = decltype(vec)::value;
+          return relu ? rnn_bwd_span<T, kVec, true>(j, j1, dh, hy, dgi) : rnn_bwd_span<T, kVec, false>(j, j1, dh, hy, dgi);
+        }, j0);
+        break;
+      }
     }
-  });
+  }
 }
 
 // Runs row(r) for r in [0, n), rows in parallel; width = elements of work per row.
@@ -464,248 +322,165 @@ void for_rows(int64_t n, int64_t width, const F& row) {
   });
 }
 
-}  // namespace
+// Layers of at most this many rows use the packed GEMM (measured at one thread, H = 512: faster than the library
+// GEMM up to 16 rows, on par or faster at 64 and 128).
+constexpr int64_t kSmallRows = 64;
+// Layers of at most this many rows run the whole time loop in one parallel region (forward_sliced, backward_sliced).
+// Measured on 2 cores, H = 512: on par with a parallel region per GEMM and per cell update at 16 rows, 10-20% slower
+// at 32 and 64 rows, several times faster at 1 row with H = 128.
+constexpr int64_t kSlicedRows = 16;
+// Otherwise a GEMM of a few rows with W_hh^T is a matrix-vector product, which runs faster (measured ~25% with MKL
+// at H = 512) streaming a row-major copy of W_hh^T than reading W_hh's rows as columns.
+constexpr int64_t kFewRows = 8;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_fwd(
-    const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
-    const std::optional<at::Tensor>& batch_sizes) {
-  constexpr const char* fn = "rnn_layer_fwd";
-  const Layer L(fn, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, present(batch_sizes));
-  const Schedule S(fn, x, L.N, batch_sizes, reverse);
-  const int64_t H = L.H, Hout = L.Hout, GH = L.G * L.H;
-  const bool lstm = L.mode == Mode::kLstm, gru = L.mode == Mode::kGru;
-  const auto opts = L.x2d.options();
+class CpuSteps final : public CellSteps {
+ public:
+  explicit CpuSteps(const Layer& layer) : CellSteps(layer), dtype_(layer.x2d.scalar_type()) {
+    TORCH_CHECK(layer.x2d.device().is_cpu(), "rnn_layer (CPU): expected CPU tensors, got ", layer.x2d.device());
+    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kDouble || dtype_ == at::kBFloat16,
+                "rnn_layer (CPU): expected x of dtype Float, Double or BFloat16, got ", dtype_);
+    const std::optional<at::Tensor> b_ih(L.b_ih), b_hh(L.b_hh);
+    bias_ = L.gru() ? gru_bias(b_ih, b_hh, L.H, dtype_) : summed_bias(b_ih, b_hh, L.G * L.H, dtype_);
+    if (L.peephole.defined()) peep_ = L.peephole.to(at::toOpMathType(dtype_)).contiguous();
+  }
 
-  // Sequence buffers, (S.total, .): y = h of every step (projected for LSTM with w_hr); c of every step (LSTM);
-  // o * tanh(c) before the projection. gates: x W_ih^T of every step in its first G*H columns, which the cell
-  // kernels overwrite in place with the activated gates (LSTM [i, f, g, o], GRU [r, z, n, hn]: 4H columns).
-  at::Tensor y = empty_output({S.total, Hout}, opts);
-  at::Tensor c_all = lstm ? empty_output({S.total, H}, opts) : at::Tensor();
-  at::Tensor h_raw = L.proj ? empty_output({S.total, H}, opts) : at::Tensor();
-  at::Tensor h_n = L.h0.clone();
-  at::Tensor c_n = lstm ? L.c0.clone() : at::Tensor();
-  const int64_t gw = lstm || gru ? 4 * H : H;  // row stride of gates
-  at::Tensor gates = empty_output({S.total, gw}, opts);
-  mm_into(gates.narrow(1, 0, GH), L.x2d, L.w_ih.t());
-  at::Tensor hg = at::empty({L.N, GH}, opts);  // h W_hh^T of the current step
-  const at::Tensor w_hh_t = L.w_hh.t(), w_hr_t = L.proj ? L.w_hr.t() : at::Tensor();
-  // float32 steps of at most kSmallRows rows run the packed GEMM on W_hh^T (K = Hout, G groups of H columns).
-  const bool small = L.dtype == at::kFloat &&
-                     std::any_of(S.rows.begin(), S.rows.end(), [](int64_t n) { return n <= kSmallRows; });
-  const std::optional<Panels> w_pack =
-      small ? std::optional<Panels>(std::in_place, L.w_hh.const_data_ptr<float>(), 1, Hout, Hout, H, L.G)
-            : std::nullopt;
-  // Otherwise a GEMM of a few rows with W_hh^T is a matrix-vector product, which runs faster (measured ~25% with MKL
-  // at H = 512) streaming a row-major copy of W_hh^T than reading W_hh's rows as columns.
-  constexpr int64_t kFewRows = 8;
-  const bool few = !small && std::any_of(S.rows.begin(), S.rows.end(), [](int64_t n) { return n < kFewRows; });
-  const at::Tensor w_hh_tc = few ? w_hh_t.contiguous() : at::Tensor();
-  // out = a W_hh^T for a step's rows a.
-  auto recurrent_mm = [&](at::Tensor out, const at::Tensor& a) {
-    const int64_t rows = a.size(0);
-    if (small && rows <= kSmallRows) {
-      packed_gemm(*w_pack, a.const_data_ptr<float>(), a.stride(0), rows, out.mutable_data_ptr<float>(),
+  bool in_place() const override { return true; }
+  at::Tensor empty(at::IntArrayRef sizes) const override { return empty_output(sizes, L.x2d.options()); }
+
+  void forward(const StepFwd& s) override {
+    const int64_t H = L.H, width = L.lstm() ? 10 * H : L.gru() ? 12 * H : 3 * H;  // work per row
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype_, "rnn_layer_fwd", [&] {
+      const auto* bias = bias_.const_data_ptr<at::opmath_type<scalar_t>>();
+      const auto* peep = peep_.defined() ? peep_.const_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
+      for_rows(s.n, width, [&](int64_t r) { forward_rows<scalar_t>(L.mode(), H, s, bias, peep, r, r + 1, 0, H); });
+    });
+  }
+
+  void backward(const StepBwd& s) override {
+    const int64_t H = L.H, width = L.lstm() ? 12 * H : L.gru() ? 13 * H : 3 * H;  // work per row
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype_, "rnn_layer_bwd", [&] {
+      const auto* peep = peep_.defined() ? peep_.const_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
+      for_rows(s.n, width, [&](int64_t r) { backward_rows<scalar_t>(L.mode(), H, s, peep, r, r + 1, 0, H); });
+    });
+  }
+
+  // Float32 steps of at most kSmallRows rows run the packed GEMM on W_hh^T (K = Hout, G groups of H columns).
+  void recurrent_fwd(const at::Tensor& out, const at::Tensor& h) override {
+    const int64_t rows = h.size(0);
+    if (dtype_ == at::kFloat && rows <= kSmallRows) {
+      packed_gemm(forward_panels(), h.const_data_ptr<float>(), h.stride(0), rows, out.mutable_data_ptr<float>(),
                   out.stride(0), false);
+    } else if (rows < kFewRows) {
+      if (!w_hh_tc_.defined()) w_hh_tc_ = L.w_hh.t().contiguous();
+      mm_into(out, h, w_hh_tc_);
     } else {
-      mm_into(out, a, rows < kFewRows ? w_hh_tc : w_hh_t);
+      mm_into(out, h, L.w_hh.t());
     }
-  };
-  // Rows that take their last step at step k leave their state in h_n, c_n.
-  auto finish_rows = [&](int64_t k) {
-    const int64_t n = S.rows[k], d = S.done[k];  // rows [d, n) end here
-    if (n > d) {
-      h_n.narrow(0, d, n - d).copy_(y.narrow(0, S.off[k] + d, n - d));
-      if (lstm) c_n.narrow(0, d, n - d).copy_(c_all.narrow(0, S.off[k] + d, n - d));
-    }
-  };
-  const at::Tensor bias = L.row_bias();
+  }
 
-  // The row update over this call's buffers, in the element type of `tag`.
-  auto forward_row = [&](auto tag) {
-    using T = decltype(tag);
-    T* y_p = y.mutable_data_ptr<T>();
-    return ForwardRow<T>{L.mode,
-                         H,
-                         gw,
-                         gates.mutable_data_ptr<T>(),
-                         hg.mutable_data_ptr<T>(),
-                         L.h0.const_data_ptr<T>(),
-                         lstm ? L.c0.const_data_ptr<T>() : nullptr,
-                         bias.const_data_ptr<at::opmath_type<T>>(),
-                         y_p,
-                         L.proj ? h_raw.mutable_data_ptr<T>() : y_p,
-                         lstm ? c_all.mutable_data_ptr<T>() : nullptr};
-  };
-  if (small && L.N <= kSlicedRows && !L.proj) {
-    forward_sliced(S, *w_pack, forward_row(float{}));
-    for (int64_t k = 0; k < S.T; ++k) finish_rows(k);
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, L.dtype, "rnn_layer_fwd", [&] {
-      const ForwardRow<scalar_t> cell = forward_row(scalar_t{});
-      const int64_t width = lstm ? 10 * H : gru ? 12 * H : 3 * H;  // work per row
+  // dh (+)= dgates W_hh: float32 steps of at most kSmallRows rows run the packed GEMM on W_hh (K = G*H, Hout columns).
+  void recurrent_bwd(const at::Tensor& out, const at::Tensor& dg, bool accumulate) override {
+    const int64_t rows = dg.size(0);
+    if (dtype_ == at::kFloat && rows <= kSmallRows) {
+      packed_gemm(backward_panels(), dg.const_data_ptr<float>(), dg.stride(0), rows, out.mutable_data_ptr<float>(),
+                  out.stride(0), accumulate);
+    } else {
+      CellSteps::recurrent_bwd(out, dg, accumulate);
+    }
+  }
+
+  bool forward_sequence(const ForwardLoop& F) override {
+    if (!sliced()) return false;
+    forward_sliced(F, forward_panels(), bias_.const_data_ptr<float>(),
+                   peep_.defined() ? peep_.const_data_ptr<float>() : nullptr);
+    return true;
+  }
+
+  bool backward_sequence(const BackwardLoop& B) override {
+    if (!sliced()) return false;
+    backward_sliced(B, backward_panels(), peep_.defined() ? peep_.const_data_ptr<float>() : nullptr);
+    return true;
+  }
+
+ private:
+  // Float32 layers of at most kSlicedRows rows without projection run the time loop in one parallel region.
+  bool sliced() const { return dtype_ == at::kFloat && L.N <= kSlicedRows && !L.proj; }
+  // W_hh packed, once per call: W_hh^T for the forward, W_hh for the backward (a call uses one of them; they share
+  // the thread's panel buffer).
+  const Panels& forward_panels() {
+    if (!panels_) panels_.emplace(L.w_hh.const_data_ptr<float>(), 1, L.Hout, L.Hout, L.H, L.G);
+    return *panels_;
+  }
+  const Panels& backward_panels() {
+    if (!panels_) panels_.emplace(L.w_hh.const_data_ptr<float>(), L.Hout, 1, L.G * L.H, L.Hout, 1);
+    return *panels_;
+  }
+
+  // The forward time loop in one parallel region: worker w owns hidden units [j0, j1) (whole panels) of every gate.
+  void forward_sliced(const ForwardLoop& F, const Panels& W, const float* bias, const float* peep) const {
+    const Schedule& S = F.S;
+    const int64_t H = L.H, G = L.G, GH = G * H;
+    float* hg = F.hg.mutable_data_ptr<float>();
+    const float* y = F.y.const_data_ptr<float>();
+    const float* h0 = L.h0.const_data_ptr<float>();
+    const int64_t workers = worker_count(S.N, GH, H, W.per_group);
+    run_workers(workers, W.per_group, [&](int64_t p0, int64_t p1, int64_t weight, Barrier& barrier) {
+      const int64_t j0 = p0 * kPanel, j1 = std::min(p1 * kPanel, H);
       for (int64_t k = 0; k < S.T; ++k) {
-        const int64_t n = S.rows[k], np = S.prev[k], off = S.off[k], off_prev = k > 0 ? S.off[k - 1] : 0;
-        if (np > 0) recurrent_mm(hg.narrow(0, 0, np), y.narrow(0, off_prev, np));
-        if (n > np) recurrent_mm(hg.narrow(0, np, n - np), L.h0.narrow(0, np, n - np));
-        for_rows(n, width, [&](int64_t r) { cell(S, k, r, 0, H); });
-        if (L.proj) mm_into(y.narrow(0, off, n), h_raw.narrow(0, off, n), w_hr_t);
-        finish_rows(k);
+        const int64_t n = S.rows[k], np = S.prev[k], off_prev = k > 0 ? S.off[k - 1] : 0;
+        // this worker's columns of h W_hh^T for every gate
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t i = g * W.per_group + p;
+            if (np > 0) panel_gemm(W, i, y + off_prev * H, H, np, hg, GH, false);
+            if (n > np) panel_gemm(W, i, h0 + np * H, H, n - np, hg + np * GH, GH, false);
+          }
+        }
+        S.for_segments(k, [&](int64_t lo, int64_t hi, bool continues) {
+          const StepFwd s = F.segment(k, lo, hi, continues);
+          forward_rows<float>(L.mode(), H, s, bias, peep, 0, s.n, j0, j1);
+        });
+        barrier.wait(weight);  // the next step reads all of h
       }
     });
   }
 
-  // saved: [h of every step (a copy: y is returned to the caller), gates (LSTM, GRU), c (LSTM), o*tanh(c) (w_hr)]
-  std::vector<at::Tensor> saved{empty_output({S.total, Hout}, opts).copy_(y)};
-  if (lstm || gru) saved.push_back(gates);
-  if (lstm) saved.push_back(c_all);
-  if (L.proj) saved.push_back(h_raw);
-  if (!S.packed) y.resize_({S.T, L.N, Hout});  // (T, N, Hout) in place: a view would refuse in-place use of y
-  return {y, h_n, c_n, saved};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_bwd(
-    const std::string& mode, const at::Tensor& dy, const at::Tensor& dh_n, const std::optional<at::Tensor>& dc_n,
-    const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, bool reverse, const std::optional<at::Tensor>& batch_sizes,
-    const std::vector<at::Tensor>& saved) {
-  constexpr const char* fn = "rnn_layer_bwd";
-  const Layer L(fn, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, present(batch_sizes));
-  const Schedule S(fn, x, L.N, batch_sizes, reverse);
-  const int64_t H = L.H, Hout = L.Hout, GH = L.G * L.H, N = L.N;
-  const bool lstm = L.mode == Mode::kLstm, gru = L.mode == Mode::kGru;
-  const auto opts = L.x2d.options();
-
-  if (S.packed) {
-    check_tensor(fn, "dy", dy, {S.total, Hout}, L.dtype, false);
-  } else {
-    check_tensor(fn, "dy", dy, {S.T, N, Hout}, L.dtype, false);
-  }
-  check_tensor(fn, "dh_n", dh_n, {N, Hout}, L.dtype, false);
-  if (lstm) {
-    check_optional(fn, "dc_n", dc_n, {N, H}, L.dtype, false);
-  } else {
-    TORCH_CHECK(!present(dc_n), fn, ": expected no dc_n for mode '", mode, "'");
-  }
-  const size_t n_saved = 1 + (lstm || gru) + lstm + L.proj;
-  TORCH_CHECK(saved.size() == n_saved, fn, ": expected ", n_saved, " saved tensors (rnn_layer_fwd's), got ",
-              saved.size());
-  const at::Tensor& h_seq = saved[0];
-  check_tensor(fn, "saved[0] (h)", h_seq, {S.total, Hout}, L.dtype);
-  const at::Tensor ws = lstm || gru ? saved[1] : at::Tensor();
-  if (ws.defined()) check_tensor(fn, "saved[1] (gates)", ws, {S.total, 4 * H}, L.dtype);
-  const at::Tensor c_all = lstm ? saved[2] : at::Tensor();
-  if (lstm) check_tensor(fn, "saved[2] (c)", c_all, {S.total, H}, L.dtype);
-  const at::Tensor h_raw = L.proj ? saved[3] : at::Tensor();
-  if (L.proj) check_tensor(fn, "saved[3] (o*tanh(c))", h_raw, {S.total, H}, L.dtype);
-
-  const at::Tensor dy2d = dy.contiguous().view({S.total, Hout});
-  // dh_state / dc_state rows [0, n) hold the gradient flowing into h / c of the current step from later steps (and
-  // dh_n / dc_n for rows that end there); once every step has run they hold dh0 / dc0.
-  at::Tensor dh_state = dh_n.contiguous().clone();
-  at::Tensor dc_state = lstm ? (present(dc_n) ? dc_n->contiguous().clone() : at::zeros({N, H}, opts)) : at::Tensor();
-  // d(pre-activation gates) of every step; GRU's differ between the input and the recurrent side (n gate).
-  at::Tensor dgi = empty_output({S.total, GH}, opts);
-  at::Tensor dgh = gru ? empty_output({S.total, GH}, opts) : dgi;
-  // With a projection: dh of every step (for dW_hr) and d(o * tanh(c)) of the current step.
-  at::Tensor dh_all = L.proj ? empty_output({S.total, Hout}, opts) : at::Tensor();
-  at::Tensor dh_raw = L.proj ? at::empty({N, H}, opts) : at::Tensor();
-  // dh += dgates W_hh for a step's rows: float32 steps of at most kSmallRows rows run the packed GEMM on W_hh (K = GH,
-  // Hout columns).
-  const bool small = L.dtype == at::kFloat &&
-                     std::any_of(S.rows.begin(), S.rows.end(), [](int64_t n) { return n <= kSmallRows; });
-  const std::optional<Panels> w_pack =
-      small ? std::optional<Panels>(std::in_place, L.w_hh.const_data_ptr<float>(), Hout, 1, GH, Hout, 1)
-            : std::nullopt;
-  auto recurrent_mm = [&](at::Tensor out, const at::Tensor& dg, bool accumulate) {
-    const int64_t rows = dg.size(0);
-    if (small && rows <= kSmallRows) {
-      packed_gemm(*w_pack, dg.const_data_ptr<float>(), dg.stride(0), rows, out.mutable_data_ptr<float>(),
-                  out.stride(0), accumulate);
-    } else if (accumulate) {
-      out.addmm_(dg, L.w_hh);
-    } else {
-      mm_into(out, dg, L.w_hh);
-    }
-  };
-
-  // The row update over this call's buffers, in the element type of `tag`.
-  auto backward_row = [&](auto tag) {
-    using T = decltype(tag);
-    T* dh_p = dh_state.mutable_data_ptr<T>();
-    return BackwardRow<T>{L.mode,
-                          H,
-                          dh_p,
-                          L.proj ? dh_raw.const_data_ptr<T>() : dh_p,
-                          lstm ? dc_state.mutable_data_ptr<T>() : nullptr,
-                          h_seq.const_data_ptr<T>(),
-                          ws.defined() ? ws.const_data_ptr<T>() : nullptr,
-                          lstm ? c_all.const_data_ptr<T>() : nullptr,
-                          L.h0.const_data_ptr<T>(),
-                          lstm ? L.c0.const_data_ptr<T>() : nullptr,
-                          dgi.mutable_data_ptr<T>(),
-                          dgh.mutable_data_ptr<T>()};
-  };
-  if (small && N <= kSlicedRows && !L.proj) {
-    backward_sliced(S, *w_pack, dy2d.const_data_ptr<float>(), backward_row(float{}));
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, L.dtype, "rnn_layer_bwd", [&] {
-      const BackwardRow<scalar_t> cell = backward_row(scalar_t{});
-      const int64_t width = lstm ? 12 * H : gru ? 13 * H : 3 * H;  // work per row
+  // The backward time loop in one parallel region (dhy = dh: no projection).
+  void backward_sliced(const BackwardLoop& B, const Panels& W, const float* peep) const {
+    const Schedule& S = B.S;
+    const int64_t H = L.H, GH = L.G * H;
+    const bool gru = L.gru();
+    float* dh = B.dh.mutable_data_ptr<float>();
+    const float* dy = B.dy.const_data_ptr<float>();
+    const float* dgh = B.dgh.const_data_ptr<float>();
+    const int64_t workers = worker_count(S.N, H, GH, W.per_group);
+    run_workers(workers, W.per_group, [&](int64_t p0, int64_t p1, int64_t weight, Barrier& barrier) {
+      const int64_t j0 = p0 * kPanel, j1 = std::min(p1 * kPanel, H);
       for (int64_t k = S.T - 1; k >= 0; --k) {
         const int64_t n = S.rows[k], off = S.off[k];
-        if (L.proj) {
-          at::Tensor dh = dh_all.narrow(0, off, n);
-          at::add_out(dh, dh_state.narrow(0, 0, n), dy2d.narrow(0, off, n));
-          mm_into(dh_raw.narrow(0, 0, n), dh, L.w_hr);
-        } else {
-          dh_state.narrow(0, 0, n).add_(dy2d.narrow(0, off, n));
+        for (int64_t r = 0; r < n; ++r) {
+          for (int64_t j = j0; j < j1; ++j) dh[r * H + j] += dy[(off + r) * H + j];
         }
-        for_rows(n, width, [&](int64_t r) { cell(S, k, r, 0, H); });
-        // d h_{t-1} = dgates W_hh (+ the GRU's direct term d h_t * z, which the row update left in dh_state)
-        recurrent_mm(dh_state.narrow(0, 0, n), dgh.narrow(0, off, n), gru);
+        S.for_segments(k, [&](int64_t lo, int64_t hi, bool continues) {
+          const StepBwd s = B.segment(k, lo, hi, continues);
+          backward_rows<float>(L.mode(), H, s, peep, 0, s.n, j0, j1);
+        });
+        barrier.wait(weight);  // the recurrent GEMM reads every gate gradient of the step
+        // d h_{t-1} (this worker's columns) = dgates W_hh (+ the direct term for GRU)
+        for (int64_t p = p0; p < p1; ++p) panel_gemm(W, p, dgh + off * GH, GH, n, dh, H, gru);
       }
     });
   }
 
-  // dW_hh = sum over steps of dgates_hh^T h_prev, as one GEMM over h_prev gathered per step (rows that continue
-  // from the previous step, then rows that start from h0). With every step on all N rows h_prev is h0 followed by
-  // h of the sequence shifted by a step, but splitting the GEMM there makes one of rank N, which the library GEMM
-  // runs far from peak at small N (profiled at N = 1, H = 512, T = 100: 1.75 ms for the rank-1 part, 1.2 ms for the
-  // other 99 steps; the gather: ~10 us).
-  at::Tensor dw_hh;
-  if (S.T == 0) {
-    dw_hh = at::zeros({GH, Hout}, opts);
-  } else {
-    at::Tensor h_prev = empty_output({S.total, Hout}, opts);
-    const auto* hs = static_cast<const char*>(h_seq.const_data_ptr());
-    const auto* h0b = static_cast<const char*>(L.h0.const_data_ptr());
-    auto* hp = static_cast<char*>(h_prev.mutable_data_ptr());
-    const int64_t row_bytes = Hout * static_cast<int64_t>(h_seq.element_size());
-    at::parallel_for(0, S.T, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t np = S.prev[k], off = S.off[k];
-        if (np > 0) std::memcpy(hp + off * row_bytes, hs + S.off[k - 1] * row_bytes, np * row_bytes);
-        if (S.rows[k] > np) {
-          std::memcpy(hp + (off + np) * row_bytes, h0b + np * row_bytes, (S.rows[k] - np) * row_bytes);
-        }
-      }
-    });
-    dw_hh = empty_output({GH, Hout}, opts);
-    mm_into(dw_hh, dgh.t(), h_prev);
-  }
-  at::Tensor dx = empty_output(x.sizes(), opts);
-  mm_into(dx.view({S.total, L.C}), dgi, L.w_ih);
-  at::Tensor dw_ih = empty_output({GH, L.C}, opts);
-  mm_into(dw_ih, dgi.t(), L.x2d);
-  at::Tensor db_ih = L.b_ih.defined() ? dgi.sum(0) : at::Tensor();
-  at::Tensor db_hh;
-  if (L.b_hh.defined()) db_hh = gru ? dgh.sum(0) : (db_ih.defined() ? db_ih.clone() : dgi.sum(0));
-  at::Tensor dw_hr = L.proj ? at::mm(dh_all.t(), h_raw) : at::Tensor();
-  at::Tensor dc0 = lstm ? dc_state : at::Tensor();
-  return {dx, dh_state, dc0, {dw_ih, dw_hh, db_ih, db_hh, dw_hr}};
-}
+  at::ScalarType dtype_;
+  at::Tensor bias_;  // b_ih + b_hh (G*H) or the GRU layout (4H, gru_bias), opmath
+  at::Tensor peep_;  // (3, H) opmath, or undefined
+  at::Tensor w_hh_tc_;  // W_hh^T contiguous, for steps of fewer than kFewRows rows (not float32)
+  std::optional<Panels> panels_;
+};
+
+}  // namespace
+
+std::unique_ptr<CellSteps> layer_steps(const Layer& layer) { return std::make_unique<CpuSteps>(layer); }
 
 }  // namespace fastseq::cpu

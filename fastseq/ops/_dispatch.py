@@ -47,11 +47,14 @@ def backward_op(ctx, op, impl: Callable) -> Callable:
     return impl if getattr(ctx, "fastseq_eager", False) else op
 
 
-def differentiable_grads(fn: Callable, inputs: list, needs, grads: list) -> list:
-    """The backward under create_graph=True (a double backward follows, e.g. a gradient penalty): the gradients
-    of fn(*inputs), the reference in differentiable torch operations, with respect to the inputs whose `needs`
-    entry is true (None elsewhere), as a graph of its own reaching back to `inputs` (the forward's own tensors) and
-    to `grads` (the gradients of fn's outputs; None counts as zeros), so that second derivatives are right."""
+def differentiable_grads(fn: Callable, inputs: list, needs, grads: list, create_graph: bool = True) -> list:
+    """The gradients of fn(*inputs), the reference in differentiable torch operations, with respect to the inputs
+    whose `needs` entry is true (None elsewhere); `grads` are the gradients of fn's outputs (None counts as zeros).
+    With create_graph (the backward under create_graph=True: a double backward follows, e.g. a gradient penalty)
+    they are a graph of their own reaching back to `inputs` (the forward's own tensors) and to `grads`, so that
+    second derivatives are right; without it, plain tensors (the reference backend's backward)."""
+    if not create_graph:
+        inputs = [t.detach().requires_grad_(n) if isinstance(t, torch.Tensor) else t for t, n in zip(inputs, needs)]
     with torch.enable_grad():
         outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
@@ -62,7 +65,7 @@ def differentiable_grads(fn: Callable, inputs: list, needs, grads: list) -> list
     if not pairs or not wanted:
         return result
     got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                              create_graph=True, allow_unused=True)
+                              create_graph=create_graph, allow_unused=True)
     for i, g in zip(wanted, got):
         result[i] = torch.zeros_like(inputs[i]) if g is None else g
     return result

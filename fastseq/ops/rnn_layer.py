@@ -1,30 +1,29 @@
-"""fastseq::rnn_layer and fastseq::rnn_layer_backward: one direction of one recurrent layer (LSTM with optional
-projection, GRU, Elman RNN tanh/relu) over a whole sequence, the time loop in the backend (the contract of
-csrc/rnn_layer.h). The layer loop (layers, directions, dropout between layers) is fastseq.functional's.
+"""fastseq::rnn_layer and fastseq::rnn_layer_backward: one direction of one recurrent layer (a mode of
+fastseq/modes.py: LSTM with optional projection and peephole LSTM, GRU, Elman RNN tanh/relu) over a whole sequence.
+The layer loop (layers, directions, dropout between layers) is fastseq.functional's.
 
-Forward: one GEMM gives the input projection of every step, then each step is a GEMM of h with W_hh^T and the fused
-cell kernel, on the active rows only for packed sequences. Backward: the fused pointwise backward per step in reverse,
-the weight gradients as a few GEMMs over all steps.
+The time loop is fastseq._C's (csrc/rnn_layer.cpp, the contract of csrc/rnn_layer.h) for every backend: one GEMM
+gives the input projection of every step, then each step is a GEMM of h with W_hh^T and the fused cell kernel of the
+backend, on the active rows only for packed sequences; backward runs the fused pointwise backward per step in
+reverse and the weight gradients as a few GEMMs over all steps. The backend gives the cell kernels: ``cpu`` (C++
+row kernels: float32 / float64 / bfloat16), ``cuda`` (the CUDA cell kernels: float32 / float16 / bfloat16),
+``triton`` (the Triton cell kernels of fastseq.kernels.rnn_layer, called back from the loop: float32 / float16 /
+bfloat16). Elsewhere fastseq.backends.select falls back to ``reference`` with its one-time warning: it runs
+fastseq.reference.rnn_layer (saved outputs are zeros, unused) and its backward differentiates the reference with
+torch.autograd. The backward runs on the backend that ran the forward (recorded in setup_context).
 
 What backward needs is returned by the op as four extra outputs (so that torch.compile sees them), fixed in number
 and shape whatever the backend: h_seq (rows, Hout) h of every step; gates (rows, 4H) the activated gates
 (LSTM [i, f, g, o], GRU [r, z, n, W_hn h + b_hn]); c_seq (rows, H) c of every step (LSTM); h_raw (rows, H)
 o * tanh(c) before the projection (LSTM with w_hr); rows = T*N, or sum(batch_sizes) packed. Where a tensor does not
 apply it is empty (0,). Absent c_n (not LSTM) is empty (0,) too.
-
-Backends: ``cpu`` (fastseq._C, time loop in C++: float32 / float64 / bfloat16), ``cuda`` (fastseq._C, a host loop
-in C++ of cuBLAS GEMMs and the CUDA cell kernels: float32 / float16 / bfloat16), ``triton`` (fastseq.kernels.rnn_layer,
-a host loop of torch GEMMs and the Triton cell kernels: float32 / float16 / bfloat16). Elsewhere fastseq.backends.select
-falls back to ``reference`` with its one-time warning; the reference backend runs fastseq.reference.rnn_layer (saved
-outputs are zeros, unused) and its backward differentiates the reference with torch.autograd. Backward runs on the
-backend that ran forward.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import backends, modes, reference
 from ._dispatch import call, differentiable_grads, eager_function
 
 DTYPES = {
@@ -32,33 +31,37 @@ DTYPES = {
     "cuda": frozenset({torch.float32, torch.float16, torch.bfloat16}),
     "triton": frozenset({torch.float32, torch.float16, torch.bfloat16}),
 }
-MODES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def _limits(name: str) -> str | None:
+    if name == "triton" and backends.extension() is None:
+        return "the Triton layer's time loop is fastseq._C's, which is not built"
+    return None
 
 
 def _select(x: Tensor) -> str:
-    return backends.select("rnn_layer", x.device, x.dtype, DTYPES)
+    return backends.select("rnn_layer", x.device, x.dtype, DTYPES, _limits)
 
 
-def _kernels(backend: str):
-    """The module with rnn_layer_fwd / rnn_layer_bwd of `backend` (fastseq._C for cpu and cuda, else the Triton
-    launchers)."""
-    if backend in ("cpu", "cuda"):
-        return backends.extension()
+def _steps(backend: str, mode: str, b_ih: Tensor | None, b_hh: Tensor | None, peephole: Tensor | None):
+    """The step kernels the time loop of fastseq._C calls: those of the tensors' device (None) or Triton's."""
+    if backend != "triton":
+        return None
     from ..kernels import rnn_layer as tk
 
-    return tk
+    return tk.LayerSteps(mode, b_ih, b_hh, peephole)
 
 
 def _shapes(mode: str, x: Tensor, h0: Tensor, w_hh: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None
             ) -> dict[str, tuple[int, ...]]:
     """Shapes of the forward outputs: y, h_n, c_n and the saved h_seq, gates, c_seq, h_raw."""
-    lstm = mode == "lstm"
-    hidden = w_hh.shape[0] // (4 if lstm else 3 if mode == "gru" else 1)
+    m = modes.mode(mode)
+    hidden = w_hh.shape[0] // m.gates
     hout, n = w_hh.shape[1], h0.shape[0]
     rows = x.shape[0] if batch_sizes is not None else x.shape[0] * x.shape[1]
-    return {"y": (*x.shape[:-1], hout), "h_n": (n, hout), "c_n": (n, hidden) if lstm else (0,),
-            "h_seq": (rows, hout), "gates": (rows, 4 * hidden) if mode in ("lstm", "gru") else (0,),
-            "c_seq": (rows, hidden) if lstm else (0,), "h_raw": (rows, hidden) if w_hr is not None else (0,)}
+    return {"y": (*x.shape[:-1], hout), "h_n": (n, hout), "c_n": (n, hidden) if m.cell else (0,),
+            "h_seq": (rows, hout), "gates": (rows, m.saved * hidden) if m.saved else (0,),
+            "c_seq": (rows, hidden) if m.cell else (0,), "h_raw": (rows, hidden) if w_hr is not None else (0,)}
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -66,46 +69,52 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _forward(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-              b_hh: Tensor | None, w_hr: Tensor | None, reverse: bool, batch_sizes: Tensor | None
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             b_hh: Tensor | None, w_hr: Tensor | None, peephole: Tensor | None, reverse: bool,
+             batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y, h_n, c_n, h_seq, gates, c_seq, h_raw for one layer direction: x (T, N, C) (or packed (sum(batch_sizes), C)
-    with batch_sizes (T,) int64 on the CPU), h0 (N, Hout), c0 (N, H) (LSTM, else None), w_ih (G*H, C),
-    w_hh (G*H, Hout), b_ih, b_hh (G*H,), w_hr (Hout, H) (LSTM projection; Hout = H without)."""
+    with batch_sizes (T,) int64 on the CPU), h0 (N, Hout), c0 (N, H) (LSTM modes, else None), w_ih (G*H, C),
+    w_hh (G*H, Hout), b_ih, b_hh (G*H,), w_hr (Hout, H) (LSTM projection; Hout = H without), peephole (3, H)
+    (peephole_lstm)."""
     backend = _select(x)
-    if backend != "reference":
-        y, h_n, c_n, saved = _kernels(backend).rnn_layer_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                                                             batch_sizes)
-        it = iter(saved)
-        h_seq = next(it)
-        gates = next(it) if mode in ("lstm", "gru") else None
-        c_seq = next(it) if mode == "lstm" else None
-        h_raw = next(it) if w_hr is not None else None
-        return (y, h_n, _or_empty(c_n, x), h_seq, _or_empty(gates, x), _or_empty(c_seq, x),
-                _or_empty(h_raw, x))
-    y, h_n, c_n = reference.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes)
-    s = _shapes(mode, x, h0, w_hh, w_hr, batch_sizes)
-    return (y, h_n, _or_empty(c_n, x), *(x.new_zeros(s[k]) for k in ("h_seq", "gates", "c_seq", "h_raw")))
+    if backend == "reference":
+        y, h_n, c_n = reference.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes,
+                                          peephole)
+        s = _shapes(mode, x, h0, w_hh, w_hr, batch_sizes)
+        return (y, h_n, _or_empty(c_n, x), *(x.new_zeros(s[k]) for k in ("h_seq", "gates", "c_seq", "h_raw")))
+    m = modes.mode(mode)
+    y, h_n, c_n, saved = backends.extension().rnn_layer_fwd(
+        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
+        _steps(backend, mode, b_ih, b_hh, peephole))
+    it = iter(saved)
+    h_seq = next(it)
+    gates = next(it) if m.saved else None
+    c_seq = next(it) if m.cell else None
+    h_raw = next(it) if w_hr is not None else None
+    return y, h_n, _or_empty(c_n, x), h_seq, _or_empty(gates, x), _or_empty(c_seq, x), _or_empty(h_raw, x)
 
 
 rnn_layer = torch.library.custom_op("fastseq::rnn_layer", _forward, mutates_args=())
 
 
 @rnn_layer.register_fake
-def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes):
+def _(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes):
     return tuple(x.new_empty(s) for s in _shapes(mode, x, h0, w_hh, w_hr, batch_sizes).values())
 
 
 def _backward_impl(mode: str, dy: Tensor, dh_n: Tensor, dc_n: Tensor | None, x: Tensor, h0: Tensor,
                    c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-                   w_hr: Tensor | None, reverse: bool, batch_sizes: Tensor | None, h_seq: Tensor, gates: Tensor,
-                   c_seq: Tensor, h_raw: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                        Tensor, Tensor]:
-    """dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr of rnn_layer run on `backend` (cpu, cuda or triton; empty (0,)
-    where the input is absent); dy, dh_n, dc_n: the gradients of y, h_n, c_n (dc_n None counts as zeros)."""
-    saved = [h_seq] + ([gates] if mode in ("lstm", "gru") else []) + ([c_seq] if mode == "lstm" else []) \
-        + ([h_raw] if w_hr is not None else [])
-    dx, dh0, dc0, dws = _kernels(backend).rnn_layer_bwd(mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                        w_hr, reverse, batch_sizes, saved)
+                   w_hr: Tensor | None, peephole: Tensor | None, reverse: bool, batch_sizes: Tensor | None,
+                   h_seq: Tensor, gates: Tensor, c_seq: Tensor, h_raw: Tensor, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dpeephole of rnn_layer run on `backend` (cpu, cuda or
+    triton; empty (0,) where the input is absent); dy, dh_n, dc_n: the gradients of y, h_n, c_n (dc_n None counts as
+    zeros)."""
+    m = modes.mode(mode)
+    saved = [h_seq] + ([gates] if m.saved else []) + ([c_seq] if m.cell else []) + ([h_raw] if w_hr is not None
+                                                                                      else [])
+    dx, dh0, dc0, dws = backends.extension().rnn_layer_bwd(
+        mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes, saved,
+        _steps(backend, mode, b_ih, b_hh, peephole))
     return (dx, dh0, _or_empty(dc0, x), *(_or_empty(t, x) for t in dws))
 
 
@@ -113,32 +122,18 @@ rnn_layer_backward = torch.library.custom_op("fastseq::rnn_layer_backward", _bac
 
 
 @rnn_layer_backward.register_fake
-def _(mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes, h_seq, gates, c_seq,
-      h_raw, backend):
+def _(mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes, h_seq, gates,
+      c_seq, h_raw, backend):
     return tuple(x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+                 for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole))
 
 
 def _setup_context(ctx, inputs, output):
-    mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes = inputs
-    ctx.mode, ctx.reverse, ctx.backend = mode, reverse, _select(x)
+    mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes = inputs
+    ctx.mode, ctx.reverse, ctx.backend = mode, reverse, _select(x)  # recorded where the forward ran
     ctx.set_materialize_grads(False)
     saved = output[3:] if ctx.backend != "reference" else ()
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *saved)
-
-
-def _reference_grads(ctx, inputs: list[Tensor | None], batch_sizes: Tensor | None, grads: list[Tensor]
-                     ) -> list[Tensor | None]:
-    """Gradients of fastseq.reference.rnn_layer with respect to `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    by torch.autograd (None for None inputs)."""
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
-        x, h0, c0, *params = leaves
-        y, h_n, c_n = reference.rnn_layer(ctx.mode, x, h0, c0, *params, ctx.reverse, batch_sizes)
-        outs = (y, h_n) if c_n is None else (y, h_n, c_n)
-        present = [t for t in leaves if t is not None]
-        got = iter(torch.autograd.grad(outs, present, grads[: len(outs)], allow_unused=True))
-    return [None if t is None else next(got) for t in leaves]
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, batch_sizes, *saved)
 
 
 def _backward_with(backward_op):
@@ -146,23 +141,23 @@ def _backward_with(backward_op):
     implementation directly)."""
 
     def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, *saved = ctx.saved_tensors
-        lstm = ctx.mode == "lstm"
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, batch_sizes, *saved = ctx.saved_tensors
+        cell = modes.mode(ctx.mode).cell
         y_shape = (*x.shape[:-1], w_hh.shape[1])
         dy = x.new_zeros(y_shape) if dy is None else dy.contiguous()
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
-        dc_n = None if not lstm or dc_n is None else dc_n.contiguous()
-        inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
-        if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
-            fn = lambda *t: reference.rnn_layer(ctx.mode, *t, ctx.reverse, batch_sizes)  # noqa: E731
-            grads = differentiable_grads(fn, inputs, ctx.needs_input_grad[1:9], [dy, dh_n, dc_n])
-            return (None, *grads, None, None)
-        if ctx.backend != "reference":
-            grads = backward_op(ctx.mode, dy, dh_n, dc_n, *inputs, ctx.reverse, batch_sizes, *saved, ctx.backend)
+        dc_n = None if not cell or dc_n is None else dc_n.contiguous()
+        inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole]
+        need = ctx.needs_input_grad[1:10]
+        create_graph = torch.is_grad_enabled()  # a backward that can itself be differentiated (double backward)
+        if create_graph or ctx.backend == "reference":
+            def fn(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole):
+                return reference.rnn_layer(ctx.mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ctx.reverse,
+                                           batch_sizes, peephole)
+
+            grads = differentiable_grads(fn, inputs, need, [dy, dh_n, dc_n], create_graph)
         else:
-            dc = torch.zeros_like(c0) if lstm and dc_n is None else dc_n
-            grads = _reference_grads(ctx, inputs, batch_sizes, [dy, dh_n, dc])
-        need = ctx.needs_input_grad[1:9]
+            grads = backward_op(ctx.mode, dy, dh_n, dc_n, *inputs, ctx.reverse, batch_sizes, *saved, ctx.backend)
         return (None, *(g if n and t is not None else None for g, n, t in zip(grads, need, inputs)), None, None)
 
     return backward
@@ -174,9 +169,10 @@ _RNNLayerFunction = eager_function("RNNLayerFunction", _forward, _setup_context,
 
 
 def apply(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-          b_hh: Tensor | None, w_hr: Tensor | None, reverse: bool, batch_sizes: Tensor | None
-          ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """y, h_n, c_n (None unless LSTM) of one layer direction, through the fastest path for the current mode."""
-    y, h_n, c_n, *_ = call(rnn_layer, _RNNLayerFunction, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                           batch_sizes)
-    return y, h_n, c_n if mode == "lstm" else None
+          b_hh: Tensor | None, w_hr: Tensor | None, peephole: Tensor | None, reverse: bool,
+          batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """y, h_n, c_n (None unless the mode has a cell state) of one layer direction, through the fastest path for the
+    current mode."""
+    y, h_n, c_n, *_ = call(rnn_layer, _RNNLayerFunction, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
+                           reverse, batch_sizes)
+    return y, h_n, c_n if modes.mode(mode).cell else None
