@@ -1,4 +1,4 @@
-"""Reference implementations written from the equations in DESIGN.md, in plain PyTorch, for any floating dtype
+"""Reference implementations written from the equations in docs/design.md, in plain PyTorch, for any floating dtype
 (float64 included). They are the oracle of the tests and the ``reference`` backend; nothing here imports the rest
 of fastseq. Half-precision inputs are computed in float32 and rounded once at the end."""
 from __future__ import annotations

@@ -6,6 +6,7 @@ input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import warnings
 
@@ -15,7 +16,7 @@ from conftest import BACKEND_PARAMS, assert_close, assert_within_torch_error, on
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastseq
-from fastseq import backends, reference
+from fastseq import backends, modes, reference
 from fastseq import functional as F
 from fastseq import nn as fnn
 from fastseq.ops import rnn_layer as op
@@ -567,3 +568,47 @@ def test_functional_errors_name_the_argument():
         F.gru(torch.randn(0, 1, 3), None, w, False)
     with pytest.raises(TypeError, match="batch_sizes"):
         F.gru(torch.randn(2, 3), None, w, False, batch_sizes=torch.tensor([1.0, 1.0]))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("kind", ["lstm_proj", "peephole_lstm", "gru", "rnn_relu"])
+def test_time_loop_out_of_place_as_on_cuda(kind, packed):
+    """The time loop as the CUDA kernels run it, not in place (x W_ih^T in a buffer of its own, the backward's dc or
+    dh state alternating between two buffers), here with the Triton step kernels in Triton's interpreter told not
+    to run in place, against the same steps in place: outputs, saved tensors and gradients equal."""
+    if backends.unavailable_reason("triton") is not None or backends.extension() is None:
+        pytest.skip(f"needs the triton backend and fastseq._C: {backends.unavailable_reason('triton')}")
+    from fastseq.kernels.rnn_layer import LayerSteps
+
+    mode = "lstm" if kind == "lstm_proj" else kind
+    gen = torch.Generator().manual_seed(17)
+    rn = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    G, C, H, P, N = modes.mode(mode).gates, 5, 6, 3 if kind == "lstm_proj" else 0, 4
+    hout, cell = P or H, mode in ("lstm", "peephole_lstm")
+    batch_sizes = torch.tensor([4, 3, 3, 1]) if packed else None
+    x = rn(11, C) if packed else rn(4, N, C)
+    args = [x, rn(N, hout), rn(N, H) if cell else None, rn(G * H, C) * 0.4, rn(G * H, hout) * 0.4, rn(G * H),
+            rn(G * H), rn(P, H) * 0.4 if P else None, rn(3, H) * 0.5 if mode == "peephole_lstm" else None]
+    ext = backends.extension()
+    results = []
+    for in_place in (True, False):
+        steps = LayerSteps(mode, args[5], args[6], args[8], in_place=in_place)
+        y, h_n, c_n, saved = ext.rnn_layer_fwd(mode, *args, True, batch_sizes, steps)
+        dy, dh_n = torch.linspace(-1, 1, y.numel()).reshape(y.shape), torch.linspace(1, -1, h_n.numel()).reshape(
+            h_n.shape)
+        dc_n = torch.ones_like(c_n) if cell else None
+        dx, dh0, dc0, dws = ext.rnn_layer_bwd(mode, dy, dh_n, dc_n, *args, True, batch_sizes, saved, steps)
+        results.append([y, h_n, c_n, *saved, dx, dh0, dc0, *dws])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=lambda m, i=i: f"result {i}: {m}")
+
+
+def test_mode_tables_agree():
+    """fastseq/modes.py is csrc/rnn_modes.h's table in Python: the same modes, in the same order, with the same
+    fields."""
+    ext = backends.extension()
+    if ext is None:
+        pytest.fail("fastseq._C is not built")
+    assert [dataclasses.astuple(m) for m in modes.MODES.values()] == [tuple(t) for t in ext.rnn_modes]

@@ -1,5 +1,6 @@
 """fastseq.nn.LSTM, GRU, RNN: drop-in for torch's (constructor, parameter names, initialisation, state_dict), with
-forward on fastseq's sequence kernels (fastseq.functional.lstm / gru / rnn_tanh / rnn_relu).
+forward on fastseq's sequence kernels (fastseq.functional.lstm / gru / rnn_tanh / rnn_relu); and PeepholeLSTM,
+LSTM with peephole connections (fastseq.functional.peephole_lstm).
 
 They derive from torch.nn.RNNBase, not from torch.nn.LSTM / GRU / RNN: torch.compile refuses to trace instances of
 those three classes (unless torch._dynamo.config.allow_rnn is set), and these modules trace into one graph. What
@@ -12,6 +13,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import functional as F
+from .. import modes
 
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
@@ -25,10 +27,12 @@ class _Recurrent:
     batch_first, PackedSequence in and out (the state permuted by its sorted_indices / unsorted_indices), hx None
     for zeros; torch's own argument checks (check_forward_args), then fastseq.functional."""
 
+    fastseq_mode: str | None = None  # the mode of fastseq/modes.py, where not the one torch's mode names
+
     def forward(self, input, hx=None):
         self._update_flat_weights()
-        mode = _MODES[self.mode]
-        lstm = mode == "lstm"
+        mode = self.fastseq_mode or _MODES[self.mode]
+        lstm = modes.mode(mode).cell
         dirs = 2 if self.bidirectional else 1
         hout = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -91,6 +95,32 @@ class LSTM(_Recurrent, torch.nn.RNNBase):
     get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
     check_forward_args = torch.nn.LSTM.check_forward_args
     permute_hidden = torch.nn.LSTM.permute_hidden
+
+
+class PeepholeLSTM(LSTM):
+    """An LSTM with peephole connections (Gers, Schraudolph & Schmidhuber 2002) over whole sequences: LSTM's
+    arguments, parameters and forward (proj_size, bidirectional, packed sequences, h0/c0 included), plus
+    weight_peephole_l{k}[_reverse] (3, hidden_size) = [p_i; p_f; p_o] per layer and direction, with
+    i = sigmoid(.. + p_i*c), f = sigmoid(.. + p_f*c), o = sigmoid(.. + p_o*c'): a layer of
+    fastseq.nn.PeepholeLSTMCell steps. Every parameter starts uniform in (-1/sqrt(hidden_size), 1/sqrt(hidden_size));
+    the flat parameter order is LSTM's with w_peephole last per layer direction."""
+
+    fastseq_mode = "peephole_lstm"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        like = self.weight_ih_l0
+        for i, names in enumerate(self._all_weights):
+            layer, direction = divmod(i, 2 if self.bidirectional else 1)
+            name = f"weight_peephole_l{layer}{'_reverse' if direction else ''}"
+            setattr(self, name, torch.nn.Parameter(like.new_empty(3, self.hidden_size)))
+            names.append(name)
+        self._flat_weights_names = [name for names in self._all_weights for name in names]
+        self._init_flat_weights()
+        self.reset_parameters()  # RNNBase's: every parameter, the peephole weights included
+
+    def flatten_parameters(self) -> None:
+        """Nothing to do: cuDNN's flat weight buffer serves torch's LSTM kernels, not these."""
 
 
 def _no_proj_size(kwargs: dict) -> None:

@@ -100,17 +100,6 @@ def _needs(ctx, w: int) -> tuple[bool, bool, bool, bool]:
     return n[0], n[1], n[w] or n[w + 1], n[w + 2] or n[w + 3]
 
 
-def _reference_grads(fn, inputs: list[Tensor | None], grads: list[Tensor]) -> list[Tensor | None]:
-    """Gradients of `fn(*inputs)` by torch.autograd through the reference (None for None inputs)."""
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
-        outs = fn(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        present = [t for t in leaves if t is not None]
-        got = iter(torch.autograd.grad(outs, present, grads, allow_unused=True))
-    return [None if t is None else next(got) for t in leaves]
-
-
 # ---------------------------------------------------------------------------------------------------------- LSTM
 def _lstm_cell_impl(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                     b_hh: Tensor | None, peephole: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,14 +159,12 @@ def _lstm_setup_context(ctx, inputs, output):
 
 def _lstm_backward(ctx, dhy, dcy, _dworkspace):
     x, h, c, w_ih, w_hh, b_ih, b_hh, peephole, cy, workspace = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
+    create_graph = torch.is_grad_enabled()  # a backward that can itself be differentiated (double backward)
+    if create_graph or ctx.backend == "reference":
         fn = lambda x, h, c, *params: reference.lstm_cell(x, (h, c), *params)  # noqa: E731
         return tuple(differentiable_grads(fn, [x, h, c, w_ih, w_hh, b_ih, b_hh, peephole], ctx.needs_input_grad,
-                                          [dhy, dcy]))
+                                          [dhy, dcy], create_graph))
     dhy, dcy = _grad(dhy, cy), _grad(dcy, cy)
-    if ctx.backend == "reference":
-        fn = lambda x, h, c, *params: reference.lstm_cell(x, (h, c), *params)  # noqa: E731
-        return tuple(_reference_grads(fn, [x, h, c, w_ih, w_hh, b_ih, b_hh, peephole], [dhy, dcy]))
     need_input, need_hx, need_weights, need_bias = _needs(ctx, 3)
     bwd = backward_op(ctx, lstm_cell_backward, _lstm_cell_backward_impl)
     dx, dh, dc, dw_ih, dw_hh, db, dp = bwd(dhy, dcy, x, h, c, cy, workspace, w_ih, w_hh, peephole,
@@ -244,12 +231,11 @@ def _gru_setup_context(ctx, inputs, output):
 
 def _gru_backward(ctx, dhy, _dworkspace):
     x, h, w_ih, w_hh, b_ih, b_hh, workspace = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
+    create_graph = torch.is_grad_enabled()  # a backward that can itself be differentiated (double backward)
+    if create_graph or ctx.backend == "reference":
         return tuple(differentiable_grads(reference.gru_cell, [x, h, w_ih, w_hh, b_ih, b_hh], ctx.needs_input_grad,
-                                          [dhy]))
+                                          [dhy], create_graph))
     dhy = _grad(dhy, h)
-    if ctx.backend == "reference":
-        return tuple(_reference_grads(reference.gru_cell, [x, h, w_ih, w_hh, b_ih, b_hh], [dhy]))
     need_input, need_hx, need_weights, need_bias = _needs(ctx, 2)
     bwd = backward_op(ctx, gru_cell_backward, _gru_cell_backward_impl)
     dx, dh, dw_ih, dw_hh, db_ih, db_hh = bwd(dhy, x, h, workspace, w_ih, w_hh, ctx.backend,
@@ -311,12 +297,11 @@ def _rnn_setup_context(ctx, inputs, output):
 
 def _rnn_backward(ctx, dhy):
     x, h, w_ih, w_hh, b_ih, b_hh, hy = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
+    create_graph = torch.is_grad_enabled()  # a backward that can itself be differentiated (double backward)
+    if create_graph or ctx.backend == "reference":
         fn = lambda *args: reference.rnn_cell(*args, nonlinearity=ctx.nonlinearity)  # noqa: E731
-        return (*differentiable_grads(fn, [x, h, w_ih, w_hh, b_ih, b_hh], ctx.needs_input_grad, [dhy]), None)
-    if ctx.backend == "reference":
-        fn = lambda *args: reference.rnn_cell(*args, nonlinearity=ctx.nonlinearity)  # noqa: E731
-        return (*_reference_grads(fn, [x, h, w_ih, w_hh, b_ih, b_hh], [dhy]), None)
+        return (*differentiable_grads(fn, [x, h, w_ih, w_hh, b_ih, b_hh], ctx.needs_input_grad, [dhy], create_graph),
+                None)
     need_input, need_hx, need_weights, need_bias = _needs(ctx, 2)
     bwd = backward_op(ctx, rnn_cell_backward, _rnn_cell_backward_impl)
     dx, dh, dw_ih, dw_hh, db = bwd(dhy, x, h, hy, w_ih, w_hh, ctx.nonlinearity, ctx.backend,
