@@ -41,7 +41,22 @@ def _param(backend: str, device: str):
     return pytest.param((backend, device), id=f"{backend}-{device}", marks=marks)
 
 
-BACKEND_PARAMS = [_param(b, d) for b, d in _PAIRS if d == "cuda" or _skip_reason(b, d) is None]
+# The CPU backend is always a case: without fastseq._C its tests fail (with the reason) instead of vanishing.
+BACKEND_PARAMS = [_param(b, d) for b, d in _PAIRS if d == "cuda" or b == "cpu" or _skip_reason(b, d) is None]
+
+
+def dtype_cases(dtypes, tol=None) -> list:
+    """(backend, device, dtype) params, or (backend, device, dtype, atol, rtol) with `tol`: every (backend, device)
+    pair of BACKEND_PARAMS (with its marks) and each dtype in dtypes(backend, device); (atol, rtol) = tol[dtype], or
+    (None, None) where the dtype is checked by another rule (half types: at most 2x the error of torch's own op).
+    Ids name the pair and the dtype, so that a failing dtype never hides the others."""
+    cases = []
+    for p in BACKEND_PARAMS:
+        backend, device = p.values[0]
+        for dtype in dtypes(backend, device):
+            values = (backend, device, dtype) if tol is None else (backend, device, dtype, *tol.get(dtype, (None, None)))
+            cases.append(pytest.param(*values, marks=p.marks, id=f"{p.id}-{str(dtype).removeprefix('torch.')}"))
+    return cases
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

@@ -1,9 +1,10 @@
 """Layer norm: every backend against the float64 reference and against torch.nn.LayerNorm, forward and backward."""
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
-from conftest import assert_close, assert_within_torch_error, on_backend
+from conftest import assert_close, assert_within_torch_error, dtype_cases, on_backend
 
 import fastseq
 from fastseq import reference
@@ -35,6 +36,8 @@ def _fwd_bwd(fn, x, w, b, dy):
 
 
 def _check(backend, device, dtype, shape, n_shape, affine=True, bias=True):
+    """fastseq's layer norm on `backend` against the float64 reference (TOL[dtype]; half types: at most 2x the
+    error of torch's own), output and every gradient (the weight's and bias's, sums over the rows, at rows x atol)."""
     x, w, b, dy = _inputs(shape, n_shape, dtype, device, affine, bias)
     with on_backend(backend):
         ours = _fwd_bwd(lambda x, w, b: F.layer_norm(x, n_shape, w, b), x, w, b, dy)
@@ -55,11 +58,10 @@ def _check(backend, device, dtype, shape, n_shape, affine=True, bias=True):
 
 
 @pytest.mark.parametrize("n", WIDTHS)
-def test_against_reference(backend_device, n):
-    backend, device = backend_device
+@pytest.mark.parametrize("backend, device, dtype", dtype_cases(_dtypes))
+def test_against_reference(backend, device, dtype, n):
     rows = 3 if n >= 4096 and device == "cpu" and backend == "triton" else 17
-    for dtype in _dtypes(backend, device):
-        _check(backend, device, dtype, (rows, n), (n,))
+    _check(backend, device, dtype, (rows, n), (n,))
 
 
 @pytest.mark.parametrize("affine,bias", [(False, False), (True, False)])
@@ -149,12 +151,21 @@ def test_opcheck():
 
 
 def test_torch_compile_fullgraph():
-    model = torch.nn.Sequential(torch.nn.Linear(16, 33), fastseq.nn.LayerNorm(33), torch.nn.GELU())
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    """Compiled with fastseq's LayerNorm, a model gives torch's results (the same model with torch.nn.LayerNorm)."""
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.LayerNorm(33), torch.nn.GELU())
+    with torch.no_grad():
+        theirs[1].weight.normal_(), theirs[1].bias.normal_()
+    ours = copy.deepcopy(theirs)
+    fastseq.replace_modules(ours)
+    assert isinstance(ours[1], fastseq.nn.LayerNorm)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 16, requires_grad=True)
-    y, y2 = compiled(x), model(x)
+    y, y2 = compiled(x), theirs(x)
     assert_close(y, y2, 1e-5, 1e-5)
-    assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(y2.sum(), x)[0], 1e-5, 1e-5)
+    for o, t in zip(torch.autograd.grad(y.sum(), (x, *ours.parameters())),
+                    torch.autograd.grad(y2.sum(), (x, *theirs.parameters())), strict=True):
+        assert_close(o, t, 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("call,match", [

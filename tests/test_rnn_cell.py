@@ -3,11 +3,12 @@ and against torch's cells with the same weights, outputs and the gradients of th
 parameter; modules, custom ops, torch.compile and bad input."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
-from conftest import assert_close, assert_within_torch_error, on_backend
+from conftest import assert_close, assert_within_torch_error, dtype_cases, on_backend
 
 import fastseq
 from fastseq import reference
@@ -109,14 +110,18 @@ def _compare(kind, backend, device, dtype, data, bias=True):
             assert_within_torch_error(o, t, r, f"{kind} {name} {dtype}", factor=2.0 if o.numel() >= 16 else 4.0)
 
 
+CASES = dtype_cases(_dtypes)  # (backend, device, dtype): _compare's tolerance is TOL[dtype]
+
+
 @pytest.mark.parametrize("hidden", HIDDEN)
 @pytest.mark.parametrize("kind", KINDS)
-def test_against_reference(backend_device, kind, hidden):
-    backend, device = backend_device
+@pytest.mark.parametrize("backend, device, dtype", CASES)
+def test_against_reference(backend, device, dtype, kind, hidden):
     slow = _interpreted(backend, device) and hidden >= 257  # the interpreter: few rows, float32 only at 1024
+    if slow and hidden >= 1024 and dtype != torch.float32:
+        pytest.skip("Triton's interpreter runs hidden size 1024 in float32 only (minutes per dtype otherwise)")
     n, c = (2, 8) if slow else (5, 11)
-    for dtype in _dtypes(backend, device)[: 1 if slow and hidden >= 1024 else None]:
-        _compare(kind, backend, device, dtype, _inputs(kind, n, c, hidden))
+    _compare(kind, backend, device, dtype, _inputs(kind, n, c, hidden))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -145,10 +150,9 @@ def test_batch_of_one_and_unbatched(backend_device, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_large_inputs_saturate_without_nan(backend_device, kind):
-    backend, device = backend_device
-    for dtype in _dtypes(backend, device):
-        _compare(kind, backend, device, dtype, _inputs(kind, 7, 16, 33, x_scale=50.0, seed=2))
+@pytest.mark.parametrize("backend, device, dtype", CASES)
+def test_large_inputs_saturate_without_nan(backend, device, dtype, kind):
+    _compare(kind, backend, device, dtype, _inputs(kind, 7, 16, 33, x_scale=50.0, seed=2))
 
 
 @pytest.mark.sanitize
@@ -317,10 +321,11 @@ def test_peephole_module(bias):
 
 
 def test_torch_compile_fullgraph():
+    """Compiled, a model on fastseq's cells gives torch's results: the same model on torch's cells."""
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.cell, self.gru, self.out = fastseq.nn.LSTMCell(8, 16), fastseq.nn.GRUCell(16, 16), \
+            self.cell, self.gru, self.out = torch.nn.LSTMCell(8, 16), torch.nn.GRUCell(16, 16), \
                 torch.nn.Linear(16, 3)
 
         def forward(self, x):
@@ -329,14 +334,17 @@ def test_torch_compile_fullgraph():
             return self.out(self.gru(h))
 
     torch.manual_seed(0)
-    model = Model()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    theirs = Model()
+    ours = copy.deepcopy(theirs)
+    fastseq.replace_modules(ours)
+    assert isinstance(ours.cell, fastseq.nn.LSTMCell) and isinstance(ours.gru, fastseq.nn.GRUCell)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 8, requires_grad=True)
-    y, y2 = compiled(x), model(x)
-    assert_close(y, y2, 1e-6, 1e-6)
-    for o, t in zip(torch.autograd.grad(y.sum(), (x, *model.parameters())),
-                    torch.autograd.grad(y2.sum(), (x, *model.parameters())), strict=True):
-        assert_close(o, t, 1e-6, 1e-6)
+    y, y2 = compiled(x), theirs(x)
+    assert_close(y, y2, 2e-6, 2e-6)
+    for o, t in zip(torch.autograd.grad(y.sum(), (x, *ours.parameters())),
+                    torch.autograd.grad(y2.sum(), (x, *theirs.parameters())), strict=True):
+        assert_close(o, t, 2e-6, 2e-6)
 
 
 def _w(*shape, dtype=torch.float32, device="cpu"):

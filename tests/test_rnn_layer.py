@@ -22,11 +22,10 @@ from fastseq import nn as fnn
 from fastseq.ops import rnn_layer as op
 
 KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-# Backends that implement the op here: the C++ kernel when fastseq._C has it, and the reference.
-BACKENDS = (["cpu"] if backends.unavailable_reason("cpu") is None
-            and hasattr(backends.extension(), "rnn_layer_fwd") else []) + ["reference"]
-FAST = BACKENDS[0]  # the backend the long and wide checks run on
+GATES = {name: m.gates for name, m in modes.MODES.items()}
+# The CPU backends: the C++ kernels (without fastseq._C their tests fail, naming the reason) and the reference.
+BACKENDS = ["cpu", "reference"]
+FAST = "cpu"  # the backend the long and wide checks run on
 TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}  # (atol, rtol) against torch.nn
 # The GPU backends that run here, (backend, device) params: triton on CPU tensors in Triton's interpreter; cuda and
 # triton on a GPU (marked gpu). They run in float32 (neither has float64).
@@ -474,7 +473,6 @@ def test_falls_back_with_warning():
     assert any("rnn_layer runs on the reference backend" in str(w.message) for w in caught)
 
 
-@pytest.mark.skipif(FAST != "cpu", reason="fastseq._C has no rnn_layer_fwd")
 @pytest.mark.parametrize("kind", ["lstm_proj", "gru", "rnn_relu"])
 def test_opcheck(kind):
     _opcheck(kind, FAST, "cpu", torch.float64)
@@ -500,7 +498,6 @@ def _opcheck(kind: str, backend: str, device: str, dtype: torch.dtype) -> None:
             torch.library.opcheck(torch.ops.fastseq.rnn_layer, args)
 
 
-@pytest.mark.skipif(FAST != "cpu", reason="fastseq._C has no rnn_layer_fwd")
 def test_torch_compile_fullgraph():
     """fastseq.functional.lstm traces into one graph (the custom op with its fake and autograd formula). The modules
     do too (tests/test_integration.py): they derive from torch.nn.RNNBase, not from torch.nn.LSTM / GRU / RNN, whose
