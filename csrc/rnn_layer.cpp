@@ -212,11 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
     }
   }
 
-  // saved: [h of every step (a copy: y is returned to the caller), gates (lstm, gru), c (lstm), o*tanh(c) (w_hr)]
-  std::vector<at::Tensor> saved{steps->empty({S.total, L.Hout}).copy_(F.y)};
-  if (width > 0) saved.push_back(F.gates);
-  if (L.lstm()) saved.push_back(F.c_seq);
-  if (L.proj) saved.push_back(F.h_raw);
+  // saved: h of every step (a copy: y is returned to the caller), the gates, c, o*tanh(c) (undefined where absent)
+  std::vector<at::Tensor> saved{steps->empty({S.total, L.Hout}).copy_(F.y), F.gates, F.c_seq, F.h_raw};
   at::Tensor y = F.y;
   if (!S.packed) y.resize_({S.T, L.N, L.Hout});  // (T, N, Hout) in place: a view would refuse in-place use of y
   return {y, h_n, c_n, saved};
@@ -246,20 +243,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
   } else {
     TORCH_CHECK(!present(dc_n), fn, ": expected no dc_n for mode '", mode, "'");
   }
-  const size_t n_saved = 1 + (width > 0) + lstm + L.proj;
-  TORCH_CHECK(saved.size() == n_saved, fn, ": expected ", n_saved, " saved tensors (rnn_layer_fwd's), got ",
-              saved.size());
-  size_t next = 0;
-  auto take = [&](const char* name, at::IntArrayRef shape) {
-    check_tensor(fn, name, saved[next], x, shape);
-    return saved[next++].contiguous();
+  TORCH_CHECK(saved.size() == 4, fn, ": expected the 4 saved tensors of rnn_layer_fwd, got ", saved.size());
+  auto take = [&](size_t i, const char* name, at::IntArrayRef shape) {
+    check_tensor(fn, name, saved[i], x, shape);
+    return saved[i].contiguous();
   };
   const std::unique_ptr<CellSteps> steps = make_steps(L);
   BackwardLoop B{L, S};
-  B.h_seq = take("saved h", {S.total, Hout});
-  if (width > 0) B.gates = take("saved gates", {S.total, width});
-  if (lstm) B.c_seq = take("saved c", {S.total, H});
-  if (L.proj) B.h_raw = take("saved o*tanh(c)", {S.total, H});
+  B.h_seq = take(0, "saved h", {S.total, Hout});
+  if (width > 0) B.gates = take(1, "saved gates", {S.total, width});
+  if (lstm) B.c_seq = take(2, "saved c", {S.total, H});
+  if (L.proj) B.h_raw = take(3, "saved o*tanh(c)", {S.total, H});
   B.dy = dy.contiguous().view({S.total, Hout});
   B.dh = dh_n.contiguous().clone();
   if (lstm) B.dc = present(dc_n) ? dc_n->contiguous().clone() : at::zeros({N, H}, L.x2d.options());

@@ -145,10 +145,10 @@ struct BackwardLoop {
 using StepsFactory = std::function<std::unique_ptr<CellSteps>(const Layer&)>;
 
 /* h0: (N, Hout); c0: (N, H) for lstm modes (none otherwise); w_ih (G*H, C), w_hh (G*H, Hout). Returns y (T, N, Hout)
-   (or (sum(batch_sizes), Hout) packed), h_n (N, Hout), c_n (N, H) (undefined unless lstm), and `saved`: the tensors
-   rnn_layer_bwd needs, [h of every step (rows, Hout), the activated gates (rows, saved_width) (lstm, gru), c of
-   every step (rows, H) (lstm), o * tanh(c) (rows, H) (with w_hr)] with rows = T*N or sum(batch_sizes); pass them
-   back unchanged. */
+   (or (sum(batch_sizes), Hout) packed), h_n (N, Hout), c_n (N, H) (undefined unless lstm), and `saved`: the four
+   tensors rnn_layer_bwd needs, [h of every step (rows, Hout), the activated gates (rows, saved_width) (lstm, gru),
+   c of every step (rows, H) (lstm), o * tanh(c) (rows, H) (with w_hr)], undefined where absent, with rows = T*N or
+   sum(batch_sizes); pass them back (the absent ones as anything: they are not read). */
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_fwd(
     const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,

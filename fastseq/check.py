@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import backends, reference
+from . import backends, modes, reference
 from . import functional as F
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -82,36 +82,40 @@ def check_rnn_tanh_cell(device: str, dtype: torch.dtype) -> float:
 
 
 def check_rnn_layer(device: str, dtype: torch.dtype) -> float:
-    """Bidirectional LSTM with projection, GRU and Elman RNN layers over a padded and a packed (ragged) batch:
-    outputs, final states and the gradients of every input against fastseq.reference.rnn_layer per direction."""
+    """Bidirectional LSTM and peephole LSTM with projection, GRU and Elman RNN layers over a padded and a packed
+    (ragged) batch: outputs, final states and the gradients of every input against fastseq.reference.rnn_layer per
+    direction."""
     gen = torch.Generator().manual_seed(0)
     rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     worst = 0.0
-    for mode, gates, proj in (("lstm", 4, 5), ("gru", 3, 0), ("rnn_tanh", 1, 0)):
+    for mode, proj in (("lstm", 5), ("peephole_lstm", 5), ("gru", 0), ("rnn_tanh", 0)):
+        m = modes.mode(mode)
+        g = m.gates
         for t, n, c, h, batch_sizes in ((7, 5, 33, 17, None), (5, 4, 8, 64, torch.tensor([4, 3, 3, 1, 1]))):
             hout = proj or h
             x = rn(int(batch_sizes.sum()), c) if batch_sizes is not None else rn(t, n, c)
-            states = [rn(2, n, hout)] + ([rn(2, n, h)] if mode == "lstm" else [])
-            params = [p for _ in range(2) for p in [rn(gates * h, c) / h ** 0.5, rn(gates * h, hout) / h ** 0.5,
-                                                    rn(gates * h), rn(gates * h)] + ([rn(proj, h) / h ** 0.5] if proj
-                                                                                     else [])]
+            states = [rn(2, n, hout)] + ([rn(2, n, h)] if m.cell else [])
+            params = [p for _ in range(2) for p in [rn(g * h, c) / h ** 0.5, rn(g * h, hout) / h ** 0.5, rn(g * h),
+                                                    rn(g * h)] + ([rn(proj, h) / h ** 0.5] if proj else [])
+                      + ([rn(3, h) * 0.5] if m.peephole else [])]
             per = len(params) // 2
 
             def ours(x, *rest):
-                hx, ps = (tuple(rest[:2]), rest[2:]) if mode == "lstm" else (rest[0], rest[1:])
+                hx, ps = (tuple(rest[:2]), rest[2:]) if m.cell else (rest[0], rest[1:])
                 out = getattr(F, mode)(x, hx, list(ps), True, 1, 0.0, False, True, False, batch_sizes=batch_sizes)
                 return torch.cat([o.flatten() for o in out])
 
             def ref(x, *rest):
-                k = 2 if mode == "lstm" else 1
+                k = 2 if m.cell else 1
                 hx, ps = rest[:k], rest[k:]
                 outs = []
                 for d in range(2):
-                    w = list(ps[d * per:(d + 1) * per]) + ([] if proj else [None])
-                    outs.append(reference.rnn_layer(mode, x, hx[0][d], hx[1][d] if mode == "lstm" else None, *w,
-                                                    d == 1, batch_sizes))
+                    w = ps[d * per:(d + 1) * per]
+                    outs.append(reference.rnn_layer(mode, x, hx[0][d], hx[1][d] if m.cell else None, *w[:4],
+                                                    w[4] if proj else None, d == 1, batch_sizes,
+                                                    w[-1] if m.peephole else None))
                 parts = [torch.cat([outs[0][0], outs[1][0]], -1), torch.stack([outs[0][1], outs[1][1]])]
-                parts += [torch.stack([outs[0][2], outs[1][2]])] if mode == "lstm" else []
+                parts += [torch.stack([outs[0][2], outs[1][2]])] if m.cell else []
                 return torch.cat([o.flatten() for o in parts])
 
             cast = [v.to(device, dtype) for v in (x, *states, *params)]

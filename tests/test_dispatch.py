@@ -35,7 +35,30 @@ def _gru_cell(g: torch.Generator):
     return [x, h, *params], lambda x, h, *p: F.gru_cell(x, h, *p)
 
 
-OPS = {"sdpa_dropout": _sdpa, "layer_norm": _layer_norm, "lstm_layer": _lstm_layer, "gru_cell": _gru_cell}
+def _peephole_lstm_layer(g: torch.Generator):
+    inputs, _ = _lstm_layer(g)
+    return [*inputs, torch.randn(3, 6, generator=g)], \
+        lambda x, h0, c0, *p: F.peephole_lstm(x, (h0, c0), p, True, 1, 0.0, True, False, False)[0]
+
+
+def _peephole_lstm_cell(g: torch.Generator):
+    x, h, c = torch.randn(3, 5, generator=g), torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    params = [torch.randn(24, 5, generator=g), torch.randn(24, 6, generator=g), torch.randn(24, generator=g),
+              torch.randn(24, generator=g), torch.randn(3, 6, generator=g)]
+    return [x, h, c, *params], lambda x, h, c, *p: F.peephole_lstm_cell(x, (h, c), *p)[1]
+
+
+def _rnn_cell(g: torch.Generator):
+    inputs, _ = _gru_cell(g)
+    x, h = inputs[:2]
+    params = [torch.randn(6, 5, generator=g), torch.randn(6, 6, generator=g), torch.randn(6, generator=g),
+              torch.randn(6, generator=g)]
+    return [x, h, *params], lambda x, h, *p: F.rnn_relu_cell(x, h, *p)
+
+
+OPS = {"sdpa_dropout": _sdpa, "layer_norm": _layer_norm, "lstm_layer": _lstm_layer,
+       "peephole_lstm_layer": _peephole_lstm_layer, "gru_cell": _gru_cell, "peephole_lstm_cell": _peephole_lstm_cell,
+       "rnn_cell": _rnn_cell}
 BACKENDS = [b for b in ("cpu", "reference", "triton") if backends.unavailable_reason(b) is None]
 
 

@@ -81,16 +81,10 @@ def _forward(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, 
                                           peephole)
         s = _shapes(mode, x, h0, w_hh, w_hr, batch_sizes)
         return (y, h_n, _or_empty(c_n, x), *(x.new_zeros(s[k]) for k in ("h_seq", "gates", "c_seq", "h_raw")))
-    m = modes.mode(mode)
     y, h_n, c_n, saved = backends.extension().rnn_layer_fwd(
         mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
         _steps(backend, mode, b_ih, b_hh, peephole))
-    it = iter(saved)
-    h_seq = next(it)
-    gates = next(it) if m.saved else None
-    c_seq = next(it) if m.cell else None
-    h_raw = next(it) if w_hr is not None else None
-    return y, h_n, _or_empty(c_n, x), h_seq, _or_empty(gates, x), _or_empty(c_seq, x), _or_empty(h_raw, x)
+    return (y, h_n, *(_or_empty(t, x) for t in (c_n, *saved)))
 
 
 rnn_layer = torch.library.custom_op("fastseq::rnn_layer", _forward, mutates_args=())
@@ -109,12 +103,9 @@ def _backward_impl(mode: str, dy: Tensor, dh_n: Tensor, dc_n: Tensor | None, x: 
     """dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dpeephole of rnn_layer run on `backend` (cpu, cuda or
     triton; empty (0,) where the input is absent); dy, dh_n, dc_n: the gradients of y, h_n, c_n (dc_n None counts as
     zeros)."""
-    m = modes.mode(mode)
-    saved = [h_seq] + ([gates] if m.saved else []) + ([c_seq] if m.cell else []) + ([h_raw] if w_hr is not None
-                                                                                      else [])
     dx, dh0, dc0, dws = backends.extension().rnn_layer_bwd(
-        mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes, saved,
-        _steps(backend, mode, b_ih, b_hh, peephole))
+        mode, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
+        [h_seq, gates, c_seq, h_raw], _steps(backend, mode, b_ih, b_hh, peephole))
     return (dx, dh0, _or_empty(dc0, x), *(_or_empty(t, x) for t in dws))
 
 
