@@ -36,8 +36,8 @@ using OptString = std::optional<std::string>;
 class PySteps final : public fastseq::CellSteps {
  public:
   PySteps(const fastseq::Layer& layer, const py::object& steps)
-      : CellSteps(layer), in_place_(steps.attr("in_place").cast<bool>()), forward_(steps.attr("forward")),
-        backward_(steps.attr("backward")) {}
+      : CellSteps(layer), steps_(steps), in_place_(steps.attr("in_place").cast<bool>()),
+        forward_(steps.attr("forward")), backward_(steps.attr("backward")) {}
   bool in_place() const override { return in_place_; }
   void forward(const fastseq::StepFwd& s) override {
     const int64_t n = s.n;
@@ -49,11 +49,37 @@ class PySteps final : public fastseq::CellSteps {
     backward_(view(s.dh, n), view(s.dh_out, n), view(s.dc, n), view(s.dc_out, n), view(s.h_prev, n),
               view(s.c_prev, n), view(s.h, n), view(s.c, n), view(s.gates, n), view(s.dgi, n), view(s.dgh, n));
   }
+  // The whole loop in one call where `steps` has forward_sequence / backward_sequence and they take this layer
+  // (they return whether they ran): the schedule as (T, 4) int64 (per step its batch size, first row, rows
+  // continuing from the previous step, the previous step's first row) and the loop's buffers.
+  bool forward_sequence(const fastseq::ForwardLoop& F) override {
+    if (!py::hasattr(steps_, "forward_sequence")) return false;
+    return steps_.attr("forward_sequence")(schedule(F.S), F.gi, F.y, opt(F.c_seq), opt(F.gates), L.h0, opt(L.c0),
+                                           L.w_hh, opt(L.w_hr)).cast<bool>();
+  }
+  bool backward_sequence(const fastseq::BackwardLoop& B) override {
+    if (!py::hasattr(steps_, "backward_sequence")) return false;
+    return steps_.attr("backward_sequence")(schedule(B.S), B.dy, B.h_seq, opt(B.c_seq), opt(B.gates), B.dgi, B.dgh,
+                                            B.dh, opt(B.dc), L.h0, opt(L.c0), L.w_hh, opt(L.w_hr)).cast<bool>();
+  }
 
  private:
   static py::object view(const fastseq::Rows& rows, int64_t n) {
     return rows ? py::cast(rows.view(n)) : py::none();
   }
+  static py::object opt(const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
+  static at::Tensor schedule(const fastseq::Schedule& S) {
+    at::Tensor out = at::empty({S.T, 4}, at::TensorOptions().dtype(at::kLong));
+    int64_t* p = out.mutable_data_ptr<int64_t>();
+    for (int64_t k = 0; k < S.T; ++k) {
+      p[4 * k] = S.rows[k];
+      p[4 * k + 1] = S.off[k];
+      p[4 * k + 2] = S.prev[k];
+      p[4 * k + 3] = k > 0 ? S.off[k - 1] : 0;
+    }
+    return out;
+  }
+  py::object steps_;
   bool in_place_;
   py::object forward_, backward_;
 };

@@ -9,11 +9,15 @@ before it stores, at the same address, the value computed from it.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
+import triton.language as tl
 
+from .aot import AOTSpec
 from .rnn_cell import (PW_BLOCK_H, PW_BLOCK_N, PW_WARPS, _gru_bwd_kernel, _gru_fwd_kernel, _lstm_bwd_kernel,
-                       _lstm_fwd_kernel, _pw_grid, _rnn_bwd_kernel, _rnn_fwd_kernel)
+                       _lstm_fwd_kernel, _pw_grid, _rnn_bwd_kernel, _rnn_fwd_kernel, _sigmoid, _tanh)
 
 _LSTM = ("lstm", "peephole_lstm")
 _MODES = (*_LSTM, "gru", "rnn_tanh", "rnn_relu")
@@ -28,13 +32,15 @@ def _launch(kernel, args: tuple, n: int, h: int, *scalars: int, **constexprs) ->
 
 class LayerSteps:
     """The step kernels of one layer direction: mode, the biases b_ih, b_hh (G*H,) or None and the peephole
-    (3, H) (peephole_lstm) as the layer's; in_place as above (False: separate outputs, as the CUDA C++ kernels)."""
+    (3, H) (peephole_lstm) as the layer's; in_place as above (False: separate outputs, as the CUDA C++ kernels).
+    forward_sequence / backward_sequence run the whole loop in one persistent kernel where it fits (persistent:
+    None = where the compiled kernel fits the GPU, see persistent_config; True = always, False = never)."""
 
     def __init__(self, mode: str, b_ih: torch.Tensor | None, b_hh: torch.Tensor | None,
-                 peephole: torch.Tensor | None, in_place: bool = True):
+                 peephole: torch.Tensor | None, in_place: bool = True, persistent: bool | None = None):
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {list(_MODES)}, got {mode!r}")
-        self.mode, self.in_place = mode, in_place
+        self.mode, self.in_place, self.persistent = mode, in_place, persistent
         self.has_bias = b_ih is not None or b_hh is not None
         some = b_ih if b_ih is not None else b_hh
         self.b_ih = None if some is None else (b_ih.contiguous() if b_ih is not None else torch.zeros_like(some))
@@ -73,3 +79,431 @@ class LayerSteps:
             _launch(_gru_bwd_kernel, (dh, h_prev, gates, dgi, dgh, dh_out), n, hidden)
         else:
             _launch(_rnn_bwd_kernel, (dh, h, dgi), n, hidden, RELU=self.mode == "rnn_relu")
+
+    def _config(self, hidden: int, like: torch.Tensor, w_hr: torch.Tensor | None) -> bool | None:
+        if w_hr is not None:  # the persistent kernels have no projection
+            return None
+        return persistent_config(self.mode, hidden, like.dtype, like.device, self.peephole is not None,
+                                 self.persistent)
+
+    def _seq_biases(self, gates: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.has_bias:
+            return self.b_ih, self.b_hh
+        zeros = like.new_zeros(gates)
+        return zeros, zeros
+
+    def forward_sequence(self, steps, gi, y, c, gates, h0, c0, w_hh, w_hr) -> bool:
+        """The whole forward loop in one launch of _seq_fwd_kernel, where it runs (else False). steps: (T, 4) int64
+        per step its batch size, first row, rows continuing from the previous step and the previous step's first
+        row; gi (rows, G*H); y, c (rows, H); gates (rows, 4H) or None; h0, c0 (N, H); w_hh (G*H, H)."""
+        n, hidden = h0.shape
+        resident = self._config(hidden, h0, w_hr)
+        if resident is None:
+            return False
+        sched, T = _schedule(steps, h0.device)
+        meta = _seq_constexprs(self.mode, hidden, self.peephole is not None, resident, False)
+        b_ih, b_hh = self._seq_biases(w_hh.shape[0], y)
+        peep = self.peephole if self.peephole is not None else y
+        if n and hidden and T:
+            _seq_fwd_kernel[(triton.cdiv(n, SEQ_BLOCK_N),)](
+                gi, w_hh, b_ih, b_hh, peep, h0, y if c0 is None else c0, y, y if c is None else c,
+                y if gates is None else gates, sched, T, n, hidden, gi.stride(0), **meta, num_warps=SEQ_WARPS,
+                num_stages=1)
+        return True
+
+    def backward_sequence(self, steps, dy, h_seq, c_seq, gates, dgi, dgh, dh, dc, h0, c0, w_hh, w_hr) -> bool:
+        """The whole backward loop in one launch of _seq_bwd_kernel, where it runs (else False): dh, dc (N, H) hold
+        d h_n, d c_n and are left holding d h0, d c0; dgi, dgh (rows, G*H) get the gate gradients of every step."""
+        n, hidden = h0.shape
+        resident = self._config(hidden, h0, w_hr)
+        if resident is None:
+            return False
+        sched, T = _schedule(steps, h0.device)
+        meta = _seq_constexprs(self.mode, hidden, self.peephole is not None, resident, True)
+        peep = self.peephole if self.peephole is not None else dh
+        if n and hidden and T:
+            _seq_bwd_kernel[(triton.cdiv(n, SEQ_BLOCK_N),)](
+                dy, w_hh, peep, h0, dh if c0 is None else c0, h_seq, dh if c_seq is None else c_seq,
+                dh if gates is None else gates, dgi, dgh, dh, dh if dc is None else dc, sched, T, n, hidden, **meta,
+                num_warps=SEQ_WARPS, num_stages=1)
+        return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Persistent kernels: the whole time loop of one layer direction in one launch. Each program owns BLOCK_N batch rows
+# and all H hidden units, so programs never wait for each other (no grid barrier; Triton's interpreter, which runs
+# programs one after another, runs them too). h and c stay in registers across the steps; W_hh is loaded once before
+# the loop (W_RESIDENT) or read from L2 each step; each step reads its rows of x W_ih^T (the loop's GEMM before the
+# kernel), adds h W_hh^T with tl.dot, applies the cell and writes h, c and the activated gates. Rows past a packed
+# step's batch size are masked: they keep their state, so that a row that ended holds h_n and a row that has not
+# started (reverse direction) still holds h0. States are rounded to the storage dtype after each step, as the host
+# loop stores them. MODE: 0 LSTM, 1 GRU, 2 RNN tanh, 3 RNN relu. No projection (that case keeps the host loop).
+# ----------------------------------------------------------------------------------------------------------------
+_log = logging.getLogger("fastseq")
+_SEQ_MODES = {"lstm": 0, "peephole_lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+SEQ_BLOCK_N = 16  # rows per program (tl.dot's smallest M)
+
+
+@triton.jit
+def _w_tile(w_ptr, g: tl.constexpr, H, a, b, TRANSPOSE: tl.constexpr):
+    """Gate g's block of W_hh (G*H, H) as a (BLOCK_H, BLOCK_H) tile, zero-padded: W_g^T[k, j] = W_hh[g*H + j, k]
+    with a = k, b = j (TRANSPOSE, the forward's h W_g^T), else W_g[j, k] with a = j, b = k (the backward's dg W_g)."""
+    mask = (a < H)[:, None] & (b < H)[None, :]
+    if TRANSPOSE:
+        offs = (g * H + b[None, :]).to(tl.int64) * H + a[:, None]
+    else:
+        offs = (g * H + a[:, None]).to(tl.int64) * H + b[None, :]
+    return tl.load(w_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _bias(b_ih_ptr, b_hh_ptr, g: tl.constexpr, H, cols, IH: tl.constexpr, HH: tl.constexpr):
+    """(1, BLOCK_H) float32: gate g's b_ih (IH) plus its b_hh (HH)."""
+    cmask = cols < H
+    b = tl.zeros(cols.shape, tl.float32)
+    if IH:
+        b += tl.load(b_ih_ptr + g * H + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HH:
+        b += tl.load(b_hh_ptr + g * H + cols, mask=cmask, other=0.0).to(tl.float32)
+    return b[None, :]
+
+
+@triton.jit(do_not_specialize=["gi_ptr", "w_ptr", "b_ih_ptr", "b_hh_ptr", "p_ptr", "h0_ptr", "c0_ptr", "y_ptr",
+                               "c_ptr", "ws_ptr", "steps_ptr", "T", "N", "H", "gi_stride"])
+def _seq_fwd_kernel(
+    gi_ptr,     # (rows, G*H) x W_ih^T of every step, row stride gi_stride (rows = sum of the steps' batch sizes)
+    w_ptr,      # (G*H, H) W_hh, contiguous
+    b_ih_ptr,   # (G*H,), read only when HAS_BIAS
+    b_hh_ptr,   # (G*H,), read only when HAS_BIAS
+    p_ptr,      # (3, H) peephole [p_i; p_f; p_o], read only when HAS_PEEPHOLE
+    h0_ptr,     # (N, H)
+    c0_ptr,     # (N, H) LSTM
+    y_ptr,      # (rows, H) out: h of every step
+    c_ptr,      # (rows, H) out: c of every step (LSTM)
+    ws_ptr,     # (rows, 4H) out: the activated gates (LSTM [i, f, g, o], GRU [r, z, n, hn])
+    steps_ptr,  # (T, 4) int64: per step in running order its batch size, first row, rows continuing, previous first
+    T, N, H, gi_stride,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PEEPHOLE: tl.constexpr, W_RESIDENT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    r64 = rows.to(tl.int64)
+    dt = y_ptr.dtype.element_ty
+    state = (rows < N)[:, None] & cmask[None, :]
+    h = tl.load(h0_ptr + r64[:, None] * H + cols[None, :], mask=state, other=0.0).to(tl.float32)
+    if MODE == 0:
+        c = tl.load(c0_ptr + r64[:, None] * H + cols[None, :], mask=state, other=0.0).to(tl.float32)
+        if HAS_PEEPHOLE:
+            p_i = tl.load(p_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            p_f = tl.load(p_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            p_o = tl.load(p_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    b0 = _bias(b_ih_ptr, b_hh_ptr, 0, H, cols, HAS_BIAS, HAS_BIAS)
+    if MODE == 0:
+        b1 = _bias(b_ih_ptr, b_hh_ptr, 1, H, cols, HAS_BIAS, HAS_BIAS)
+        b2 = _bias(b_ih_ptr, b_hh_ptr, 2, H, cols, HAS_BIAS, HAS_BIAS)
+        b3 = _bias(b_ih_ptr, b_hh_ptr, 3, H, cols, HAS_BIAS, HAS_BIAS)
+    if MODE == 1:
+        b1 = _bias(b_ih_ptr, b_hh_ptr, 1, H, cols, HAS_BIAS, HAS_BIAS)
+        b_in = _bias(b_ih_ptr, b_hh_ptr, 2, H, cols, HAS_BIAS, False)
+        b_hn = _bias(b_ih_ptr, b_hh_ptr, 2, H, cols, False, HAS_BIAS)
+    if W_RESIDENT:
+        w0 = _w_tile(w_ptr, 0, H, cols, cols, True)
+        if MODE <= 1:
+            w1 = _w_tile(w_ptr, 1, H, cols, cols, True)
+            w2 = _w_tile(w_ptr, 2, H, cols, cols, True)
+        if MODE == 0:
+            w3 = _w_tile(w_ptr, 3, H, cols, cols, True)
+    for t in range(T):
+        if not W_RESIDENT:
+            w0 = _w_tile(w_ptr, 0, H, cols, cols, True)
+            if MODE <= 1:
+                w1 = _w_tile(w_ptr, 1, H, cols, cols, True)
+                w2 = _w_tile(w_ptr, 2, H, cols, cols, True)
+            if MODE == 0:
+                w3 = _w_tile(w_ptr, 3, H, cols, cols, True)
+        n = tl.load(steps_ptr + 4 * t)
+        off = tl.load(steps_ptr + 4 * t + 1)
+        mask = (rows < n)[:, None] & cmask[None, :]
+        row = off + r64
+        g_off = row[:, None] * gi_stride + cols[None, :]
+        h_off = row[:, None] * H + cols[None, :]
+        w_off = row[:, None] * (4 * H) + cols[None, :]
+        hin = h.to(w_ptr.dtype.element_ty)  # the recurrent GEMM reads h as stored
+        a0 = tl.dot(hin, w0, input_precision=INPUT_PRECISION) + b0
+        a0 += tl.load(gi_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 0:
+            a1 = tl.dot(hin, w1, input_precision=INPUT_PRECISION) + b1
+            a1 += tl.load(gi_ptr + g_off + H, mask=mask, other=0.0).to(tl.float32)
+            a2 = tl.dot(hin, w2, input_precision=INPUT_PRECISION) + b2
+            a2 += tl.load(gi_ptr + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
+            a3 = tl.dot(hin, w3, input_precision=INPUT_PRECISION) + b3
+            a3 += tl.load(gi_ptr + g_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
+            if HAS_PEEPHOLE:
+                a0 += p_i * c
+                a1 += p_f * c
+            i = _sigmoid(a0)
+            f = _sigmoid(a1)
+            g = _tanh(a2)
+            c_new = (f * c + i * g).to(dt).to(tl.float32)
+            if HAS_PEEPHOLE:
+                a3 += p_o * c_new
+            o = _sigmoid(a3)
+            h_new = (o * _tanh(c_new)).to(dt).to(tl.float32)
+            tl.store(c_ptr + h_off, c_new.to(dt), mask=mask)
+            tl.store(ws_ptr + w_off, i.to(dt), mask=mask)
+            tl.store(ws_ptr + w_off + H, f.to(dt), mask=mask)
+            tl.store(ws_ptr + w_off + 2 * H, g.to(dt), mask=mask)
+            tl.store(ws_ptr + w_off + 3 * H, o.to(dt), mask=mask)
+            c = tl.where(mask, c_new, c)
+        elif MODE == 1:
+            a1 = tl.dot(hin, w1, input_precision=INPUT_PRECISION) + b1
+            a1 += tl.load(gi_ptr + g_off + H, mask=mask, other=0.0).to(tl.float32)
+            hn = tl.dot(hin, w2, input_precision=INPUT_PRECISION) + b_hn
+            r = _sigmoid(a0)
+            z = _sigmoid(a1)
+            nn = _tanh(tl.load(gi_ptr + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32) + b_in + r * hn)
+            h_new = ((1.0 - z) * nn + z * h).to(dt).to(tl.float32)
+            tl.store(ws_ptr + w_off, r.to(dt), mask=mask)
+            tl.store(ws_ptr + w_off + H, z.to(dt), mask=mask)
+            tl.store(ws_ptr + w_off + 2 * H, nn.to(dt), mask=mask)
+            tl.store(ws_ptr + w_off + 3 * H, hn.to(dt), mask=mask)
+        elif MODE == 2:
+            h_new = _tanh(a0).to(dt).to(tl.float32)
+        elif MODE == 3:
+            h_new = tl.maximum(a0, 0.0, propagate_nan=tl.PropagateNan.ALL).to(dt).to(tl.float32)
+        tl.store(y_ptr + h_off, h_new.to(dt), mask=mask)
+        h = tl.where(mask, h_new, h)
+
+
+@triton.jit(do_not_specialize=["dy_ptr", "w_ptr", "p_ptr", "h0_ptr", "c0_ptr", "h_ptr", "c_ptr", "ws_ptr", "dgi_ptr",
+                               "dgh_ptr", "dh_ptr", "dc_ptr", "steps_ptr", "T", "N", "H"])
+def _seq_bwd_kernel(
+    dy_ptr,     # (rows, H) d(output) of every step
+    w_ptr,      # (G*H, H) W_hh, contiguous
+    p_ptr,      # (3, H) peephole, read only when HAS_PEEPHOLE
+    h0_ptr,     # (N, H)
+    c0_ptr,     # (N, H) LSTM
+    h_ptr,      # (rows, H) saved h of every step
+    c_ptr,      # (rows, H) saved c of every step (LSTM)
+    ws_ptr,     # (rows, 4H) saved activated gates (LSTM, GRU)
+    dgi_ptr,    # (rows, G*H) out: d(pre-activation gates), the input side
+    dgh_ptr,    # (rows, G*H) out: GRU's recurrent side
+    dh_ptr,     # (N, H) in: d h_n; out: d h0
+    dc_ptr,     # (N, H) in: d c_n; out: d c0 (LSTM)
+    steps_ptr,  # (T, 4) int64 as _seq_fwd_kernel's
+    T, N, H,
+    MODE: tl.constexpr, HAS_PEEPHOLE: tl.constexpr, W_RESIDENT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """The reverse loop: per step dh += dy, the cell's backward (as kernels/rnn_cell.py's), d h_{t-1} = dgates W_hh
+    (plus the GRU's direct term dh * z), with dh and dc in registers; the weight gradients are the caller's GEMMs."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    r64 = rows.to(tl.int64)
+    dt = dgi_ptr.dtype.element_ty
+    wt = w_ptr.dtype.element_ty
+    state = (rows < N)[:, None] & cmask[None, :]
+    s_off = r64[:, None] * H + cols[None, :]
+    dh = tl.load(dh_ptr + s_off, mask=state, other=0.0).to(tl.float32)
+    if MODE == 0:
+        gates_h = 4 * H  # the row stride of dgi, dgh
+    elif MODE == 1:
+        gates_h = 3 * H
+    else:
+        gates_h = H
+    if MODE == 0:
+        dc = tl.load(dc_ptr + s_off, mask=state, other=0.0).to(tl.float32)
+        if HAS_PEEPHOLE:
+            p_i = tl.load(p_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            p_f = tl.load(p_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            p_o = tl.load(p_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if W_RESIDENT:
+        w0 = _w_tile(w_ptr, 0, H, cols, cols, False)
+        if MODE <= 1:
+            w1 = _w_tile(w_ptr, 1, H, cols, cols, False)
+            w2 = _w_tile(w_ptr, 2, H, cols, cols, False)
+        if MODE == 0:
+            w3 = _w_tile(w_ptr, 3, H, cols, cols, False)
+    for tt in range(T):
+        t = T - 1 - tt
+        if not W_RESIDENT:
+            w0 = _w_tile(w_ptr, 0, H, cols, cols, False)
+            if MODE <= 1:
+                w1 = _w_tile(w_ptr, 1, H, cols, cols, False)
+                w2 = _w_tile(w_ptr, 2, H, cols, cols, False)
+            if MODE == 0:
+                w3 = _w_tile(w_ptr, 3, H, cols, cols, False)
+        n = tl.load(steps_ptr + 4 * t)
+        off = tl.load(steps_ptr + 4 * t + 1)
+        n_prev = tl.load(steps_ptr + 4 * t + 2)
+        off_prev = tl.load(steps_ptr + 4 * t + 3)
+        mask = (rows < n)[:, None] & cmask[None, :]
+        cont = (rows < n_prev)[:, None]  # rows whose previous state is the previous step's (else h0 / c0)
+        row = off + r64
+        h_off = row[:, None] * H + cols[None, :]
+        p_off = (off_prev + r64)[:, None] * H + cols[None, :]
+        w_off = row[:, None] * (4 * H) + cols[None, :]
+        g_off = row[:, None] * gates_h + cols[None, :]
+        d = (dh + tl.load(dy_ptr + h_off, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        if MODE == 0:
+            i = tl.load(ws_ptr + w_off, mask=mask, other=0.0).to(tl.float32)
+            f = tl.load(ws_ptr + w_off + H, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(ws_ptr + w_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
+            o = tl.load(ws_ptr + w_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
+            cy = tl.load(c_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
+            cx = tl.where(cont, tl.load(c_ptr + p_off, mask=mask & cont, other=0.0),
+                          tl.load(c0_ptr + s_off, mask=mask & ~cont, other=0.0)).to(tl.float32)
+            tc = _tanh(cy)
+            do = d * tc * o * (1.0 - o)
+            dct = dc + d * o * (1.0 - tc * tc)
+            if HAS_PEEPHOLE:
+                dct += do * p_o
+            di = (dct * g * i * (1.0 - i)).to(dt)
+            df = (dct * cx * f * (1.0 - f)).to(dt)
+            dg = (dct * i * (1.0 - g * g)).to(dt)
+            dcx = dct * f
+            if HAS_PEEPHOLE:
+                dcx += di.to(tl.float32) * p_i + df.to(tl.float32) * p_f
+            do = do.to(dt)
+            tl.store(dgi_ptr + g_off, di, mask=mask)
+            tl.store(dgi_ptr + g_off + H, df, mask=mask)
+            tl.store(dgi_ptr + g_off + 2 * H, dg, mask=mask)
+            tl.store(dgi_ptr + g_off + 3 * H, do, mask=mask)
+            dh_new = tl.dot(di.to(wt), w0, input_precision=INPUT_PRECISION)
+            dh_new += tl.dot(df.to(wt), w1, input_precision=INPUT_PRECISION)
+            dh_new += tl.dot(dg.to(wt), w2, input_precision=INPUT_PRECISION)
+            dh_new += tl.dot(do.to(wt), w3, input_precision=INPUT_PRECISION)
+            dc = tl.where(mask, dcx.to(dt).to(tl.float32), dc)
+        elif MODE == 1:
+            r = tl.load(ws_ptr + w_off, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(ws_ptr + w_off + H, mask=mask, other=0.0).to(tl.float32)
+            nn = tl.load(ws_ptr + w_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
+            hn = tl.load(ws_ptr + w_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
+            hx = tl.where(cont, tl.load(h_ptr + p_off, mask=mask & cont, other=0.0),
+                          tl.load(h0_ptr + s_off, mask=mask & ~cont, other=0.0)).to(tl.float32)
+            dn = d * (1.0 - z) * (1.0 - nn * nn)
+            dr = (dn * hn * r * (1.0 - r)).to(dt)
+            dz = (d * (hx - nn) * z * (1.0 - z)).to(dt)
+            dnr = (dn * r).to(dt)
+            dn = dn.to(dt)
+            tl.store(dgi_ptr + g_off, dr, mask=mask)
+            tl.store(dgi_ptr + g_off + H, dz, mask=mask)
+            tl.store(dgi_ptr + g_off + 2 * H, dn, mask=mask)
+            tl.store(dgh_ptr + g_off, dr, mask=mask)
+            tl.store(dgh_ptr + g_off + H, dz, mask=mask)
+            tl.store(dgh_ptr + g_off + 2 * H, dnr, mask=mask)
+            dh_new = (d * z).to(dt).to(tl.float32)
+            dh_new += tl.dot(dr.to(wt), w0, input_precision=INPUT_PRECISION)
+            dh_new += tl.dot(dz.to(wt), w1, input_precision=INPUT_PRECISION)
+            dh_new += tl.dot(dnr.to(wt), w2, input_precision=INPUT_PRECISION)
+        else:
+            hy = tl.load(h_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
+            if MODE == 2:
+                dpre = (d * (1.0 - hy * hy)).to(dt)
+            else:
+                dpre = tl.where(hy <= 0.0, 0.0, d).to(dt)
+            tl.store(dgi_ptr + g_off, dpre, mask=mask)
+            dh_new = tl.dot(dpre.to(wt), w0, input_precision=INPUT_PRECISION)
+        dh = tl.where(mask, dh_new.to(dt).to(tl.float32), dh)
+    tl.store(dh_ptr + s_off, dh.to(dh_ptr.dtype.element_ty), mask=state)
+    if MODE == 0:
+        tl.store(dc_ptr + s_off, dc.to(dc_ptr.dtype.element_ty), mask=state)
+
+
+# The configurations the persistent kernels run in, all of them compiled ahead of time for sm_80 and sm_90 by make
+# triton-check (AOT_SPECS below) with both Triton versions CI checks, so that a configuration the launcher compiles
+# on a GPU is one that compiles: bfloat16 and float32 storage (float16 keeps the host loop), the hidden units padded
+# to 64 or 128 (larger H keeps the host loop: at 256 the tiles of W_hh need more shared memory than a block has),
+# 16 warps, biases always given (zeros for none), float32 products in IEEE precision, no specialization on the
+# values of the arguments (the JIT compiles what the AOT check compiled).
+SEQ_DTYPES = (torch.bfloat16, torch.float32)
+SEQ_BLOCK_HS = (64, 128)
+SEQ_WARPS = 16
+
+
+def _block_h(hidden: int) -> int:
+    return next((b for b in SEQ_BLOCK_HS if hidden <= b), 0)
+
+
+def _seq_constexprs(mode: str, hidden: int, has_peephole: bool, resident: bool, backward: bool) -> dict:
+    meta = dict(MODE=_SEQ_MODES[mode], HAS_PEEPHOLE=has_peephole, W_RESIDENT=resident, INPUT_PRECISION="ieee",
+                BLOCK_N=SEQ_BLOCK_N, BLOCK_H=_block_h(hidden))
+    if not backward:
+        meta["HAS_BIAS"] = True
+    return meta
+
+
+_FITS: dict[tuple, bool] = {}
+
+
+def persistent_config(mode: str, hidden: int, dtype: torch.dtype, device: torch.device, has_peephole: bool,
+                      persistent: bool | None) -> bool | None:
+    """How the persistent kernels run a layer direction: W_RESIDENT (True: W_hh loaded once into registers; False:
+    read from L2 each step), or None: not at all (the host loop runs). On a GPU, from the compiled kernels' own
+    metadata: resident where both directions' kernels compile without spilling registers, else streaming where those
+    do, else None. In Triton's interpreter only when asked (persistent=True; bfloat16 excepted: its tl.dot does not
+    run there)."""
+    if persistent is False or mode not in _SEQ_MODES or not _block_h(hidden) or dtype not in SEQ_DTYPES:
+        return None
+    if device.type != "cuda":
+        return True if persistent and dtype != torch.bfloat16 else None
+    if persistent is True:
+        return True
+    for resident in (True, False):
+        key = (mode, _block_h(hidden), dtype, device.index, has_peephole, resident)
+        if key not in _FITS:
+            _FITS[key] = all(_spills(kernel, _seq_constexprs(mode, hidden, has_peephole, resident,
+                                                            kernel is _seq_bwd_kernel), dtype, device) == 0
+                             for kernel in (_seq_fwd_kernel, _seq_bwd_kernel))
+            _log.debug("rnn_layer %s H=%d %s: persistent kernels with W_hh %s %s", mode, hidden, dtype,
+                       "resident" if resident else "streamed", "fit" if _FITS[key] else "spill or do not fit")
+        if _FITS[key]:
+            return resident
+    return None
+
+
+def _spills(kernel, constexprs: dict, dtype: torch.dtype, device: torch.device) -> int:
+    """Registers spilled by `kernel` compiled for these constexprs (Triton's own count, from the compiled binary);
+    -1 when it needs more shared memory than a block of the device has."""
+    t = torch.empty(1, dtype=dtype, device=device)
+    steps = torch.zeros(4, dtype=torch.int64, device=device)
+    names = kernel.arg_names
+    args = [steps if n == "steps_ptr" else t if n.endswith("_ptr") else 1 for n in names if n not in constexprs]
+    compiled = kernel.warmup(*args, grid=(1,), num_warps=SEQ_WARPS, num_stages=1, **constexprs)
+    if compiled.metadata.shared > torch.cuda.get_device_properties(device).shared_memory_per_block_optin:
+        return -1  # does not launch at all
+    compiled._init_handles()
+    return compiled.n_spills
+
+
+def _schedule(steps: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    return steps.to(device, non_blocking=True).contiguous(), steps.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations of the persistent kernels: every configuration they run in (see SEQ_DTYPES); make
+# triton-check prints their registers, spills and shared memory per architecture.
+# ----------------------------------------------------------------------------------------------------------------
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _aot_specs() -> list[AOTSpec]:
+    specs = []
+    for dtype in SEQ_DTYPES:
+        for hidden in SEQ_BLOCK_HS:
+            for mode in ("lstm", "peephole_lstm", "gru", "rnn_tanh", "rnn_relu"):
+                for resident in (True, False):
+                    for kernel in (_seq_fwd_kernel, _seq_bwd_kernel):
+                        meta = _seq_constexprs(mode, hidden, mode == "peephole_lstm", resident,
+                                               kernel is _seq_bwd_kernel)
+                        sig = {n: "constexpr" if n in meta else "*i64" if n == "steps_ptr" else _PTR[dtype]
+                               if n.endswith("_ptr") else "i32" for n in kernel.arg_names}
+                        specs.append(AOTSpec(fn=kernel, signature=sig, constexprs=meta, num_warps=SEQ_WARPS,
+                                             num_stages=1, optional=True, specialize=False))
+    return specs
+
+
+AOT_SPECS: list[AOTSpec] = _aot_specs()

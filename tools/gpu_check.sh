@@ -8,7 +8,8 @@
 #   tests      150  the GPU tests (-m gpu; pytest-xdist where installed), junit XML, skip reasons listed
 #   sanitizer   80  compute-sanitizer memcheck and racecheck on the small tests marked `sanitize`
 #   bench      140  the GPU benchmarks against cuDNN / torch's SDPA backends / torch's layer norm, a line per row
-#                   (shares: recurrent layers 40%, attention 30%, cells 12%, layer norm 10%, MultiheadAttention 8%)
+#                   (shares: persistent layer kernels 25%, recurrent layers 25%, attention 25%, cells 10%,
+#                   layer norm 8%, MultiheadAttention 7%)
 #   summary         one page: machine, commit, each stage's status and time, test counts, the benchmark table
 # Eight files at most (what the device returns): summary.md build.txt check.txt gpu-tests.txt gpu-tests.xml
 # sanitizer.txt bench.jsonl bench.txt. Without a GPU (a dry run) the GPU stages report themselves skipped.
@@ -115,12 +116,13 @@ fi
 if [ -z "$gpu" ]; then
   skipped bench "$R/bench.txt" "no CUDA device (make bench benchmarks the CPU)"
 else
-  # Each benchmark file under its own share of the budget, most valuable first: the recurrent layers against
-  # cuDNN, attention against torch's SDPA backends, layer norm, the cells, MultiheadAttention. Each row is appended
+  # Each benchmark file under its own share of the budget, most valuable first: the persistent layer kernels and
+  # the recurrent layers against cuDNN, attention against torch's SDPA backends, the cells, layer norm,
+  # MultiheadAttention. Each row is appended
   # to bench.jsonl as soon as it is measured, so a file cut off at its budget keeps the rows it measured.
   export BENCH_JSONL=$R/bench.jsonl
   total=${BUDGET_BENCH:-140}
-  for entry in rnn_layer:40 attention:30 layer_norm:10 rnn_cell:12 multihead_attention:8; do
+  for entry in rnn_persistent:25 rnn_layer:25 attention:25 rnn_cell:10 layer_norm:8 multihead_attention:7; do
     name=${entry%%:*}
     stage "bench-$name" $(( total * ${entry##*:} / 100 )) "$R/bench.txt" "$PY" -m pytest -q -p no:randomly \
       -p no:cacheprovider "bench/bench_$name.py"

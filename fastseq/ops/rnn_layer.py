@@ -20,6 +20,8 @@ apply it is empty (0,). Absent c_n (not LSTM) is empty (0,) too.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -43,13 +45,21 @@ def _select(x: Tensor) -> str:
     return backends.select("rnn_layer", x.device, x.dtype, DTYPES, _limits)
 
 
+_PERSISTENT = {"0": False, "1": True, "": None}
+
+
 def _steps(backend: str, mode: str, b_ih: Tensor | None, b_hh: Tensor | None, peephole: Tensor | None):
-    """The step kernels the time loop of fastseq._C calls: those of the tensors' device (None) or Triton's."""
+    """The step kernels the time loop of fastseq._C calls: those of the tensors' device (None) or Triton's, whose
+    persistent kernels run the whole loop where they fit (FASTSEQ_RNN_PERSISTENT=0: never, 1: wherever they run,
+    unset: where the compiled kernel fits the GPU)."""
     if backend != "triton":
         return None
     from ..kernels import rnn_layer as tk
 
-    return tk.LayerSteps(mode, b_ih, b_hh, peephole)
+    value = os.environ.get("FASTSEQ_RNN_PERSISTENT", "")
+    if value not in _PERSISTENT:
+        raise ValueError(f"FASTSEQ_RNN_PERSISTENT must be 0 or 1 (or unset), got {value!r}")
+    return tk.LayerSteps(mode, b_ih, b_hh, peephole, persistent=_PERSISTENT[value])
 
 
 def _shapes(mode: str, x: Tensor, h0: Tensor, w_hh: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None
