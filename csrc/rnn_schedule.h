@@ -1,5 +1,5 @@
-// The step schedule of a recurrent layer over a (possibly packed) sequence, shared by the CPU time loop
-// (csrc/cpu/rnn_layer.cpp) and the CUDA host loop (csrc/cuda/rnn_layer_glue.cpp). Host code only.
+// The step schedule of a recurrent layer over a (possibly packed) sequence, read by the one time loop
+// (csrc/rnn_layer.cpp) and the steps of each backend. Host code only.
 #pragma once
 #include <ATen/ATen.h>
 
