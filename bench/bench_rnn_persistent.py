@@ -2,7 +2,7 @@
 backward) against cuDNN (torch.nn.LSTM / GRU on cuda) and against fastseq's host loop (the same Triton cell kernels,
 a launch per step): T in {100, 1024}, N in {1, 8, 16, 64}, H in {64, 128} (C = H, 1 layer, 1 direction), bf16 and
 float32, forward (no autograd graph) and forward+backward. extra_info: kernel (what ran: "persistent", or "host loop"
-where the compiled kernel does not fit), host_ms and the ratio host_ms / ms. GPU only."""
+where the compiled kernel does not fit), host_ms and host_speedup = host_ms / ms. GPU only."""
 from __future__ import annotations
 
 import os
@@ -37,20 +37,27 @@ def test_persistent_layer(benchmark, kind, shape, dtype, mode):
     dy = torch.randn(t, n, h, generator=gen, device=DEVICE).to(dtype)
 
     def step(module, persistent: str | None = None):
+        """A forward (and backward) of `module`; fastseq's on the triton backend with FASTSEQ_RNN_PERSISTENT set to
+        `persistent` ("" lets the selection rule choose, "0" is the host loop), torch's as it is (None)."""
         leaves = [x, *module.parameters()]
 
+        def run_module():
+            if not grad:
+                with torch.no_grad():
+                    module(x)
+                return
+            y, _ = module(x)
+            torch.autograd.grad(y, leaves, dy)
+
         def go():
-            os.environ["FASTSEQ_RNN_PERSISTENT"] = persistent if persistent is not None else ""
+            if persistent is None:
+                return run_module()
+            os.environ["FASTSEQ_RNN_PERSISTENT"] = persistent
             try:
-                with fastseq.backend("triton") if persistent is not None else torch.enable_grad():
-                    if not grad:
-                        with torch.no_grad():
-                            module(x)
-                        return
-                    y, _ = module(x)
-                    torch.autograd.grad(y, leaves, dy)
+                with fastseq.backend("triton"):
+                    run_module()
             finally:
-                os.environ.pop("FASTSEQ_RNN_PERSISTENT", None)
+                del os.environ["FASTSEQ_RNN_PERSISTENT"]
         return go
 
     fits = tk.persistent_config(kind, h, dtype, x.device, False, None)

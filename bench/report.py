@@ -20,9 +20,9 @@ def load(path: str) -> tuple[list[dict], str]:
 
 def table(rows: list[dict], cpu: str = "") -> list[str]:
     """The rows as aligned text lines, columns that no row fills left out, extra columns (torch's SDPA backends'
-    times and ratios) appended."""
-    extra = sorted({k for r in rows for k in r["extra_info"] if k.startswith(("torch_", "speedup_vs_"))}
-                   - set(COLUMNS))
+    times and ratios; the persistent layer rows' kernel, host loop time and ratio) appended."""
+    extra = sorted({k for r in rows for k in r["extra_info"]
+                    if k.startswith(("torch_", "speedup_vs_", "host_")) or k == "kernel"} - set(COLUMNS))
     columns = COLUMNS + extra
     cells = [[str(r["group"] or r["name"])] + [r["extra_info"].get(c, "") for c in columns] for r in rows]
     used = [i for i in range(len(columns)) if any(c[i + 1] not in ("", None) for c in cells)]
