@@ -6,6 +6,9 @@ with the pointwise kernels of kernels/rnn_cell.py, given as tensor views of the 
 (n, 4H) gates). Run in place (in_place = True), x W_ih^T is overwritten by the gates (LSTM) or h (RNN) it becomes,
 and the backward updates the LSTM's dc and the GRU's dh in place: each program of those kernels loads an element
 before it stores, at the same address, the value computed from it.
+The persistent kernels below (_seq_fwd_kernel, _seq_bwd_kernel) run the loop's whole sequence in one launch
+instead, on the same buffers, where persistent_config says they fit (LayerSteps.forward_sequence /
+backward_sequence).
 """
 from __future__ import annotations
 
