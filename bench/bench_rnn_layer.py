@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import DEVICE, QUICK, peak_mib, run
+from common import DEVICE, QUICK, peak_mib, run, sequence_step
 
 import fastseq
 from fastseq import nn as fnn
@@ -51,16 +51,7 @@ def test_rnn_layer(benchmark, kind, shape, dtype, mode, backend):
     dy = torch.randn(T, n, (2 if bidirectional else 1) * h, generator=gen, device=DEVICE).to(dtype)
 
     def step(module):
-        leaves = [x, *module.parameters()]
-
-        def go():
-            if not grad:
-                with torch.no_grad():
-                    module(x)
-                return
-            y, _ = module(x)
-            torch.autograd.grad(y, leaves, dy)
-        return go
+        return sequence_step(module, x, dy, grad)
 
     def ours_step():
         with fastseq.backend(backend):

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from common import DEVICE, QUICK, median_ms, peak_mib, run
+from common import DEVICE, QUICK, median_ms, peak_mib, run, sequence_step
 
 import fastseq
 from fastseq import nn as fnn
@@ -39,19 +39,11 @@ def test_persistent_layer(benchmark, kind, shape, dtype, mode):
     def step(module, persistent: str | None = None):
         """A forward (and backward) of `module`; fastseq's on the triton backend with FASTSEQ_RNN_PERSISTENT set to
         `persistent` ("" lets the selection rule choose, "0" is the host loop), torch's as it is (None)."""
-        leaves = [x, *module.parameters()]
-
-        def run_module():
-            if not grad:
-                with torch.no_grad():
-                    module(x)
-                return
-            y, _ = module(x)
-            torch.autograd.grad(y, leaves, dy)
+        run_module = sequence_step(module, x, dy, grad)
+        if persistent is None:
+            return run_module
 
         def go():
-            if persistent is None:
-                return run_module()
             os.environ["FASTSEQ_RNN_PERSISTENT"] = persistent
             try:
                 with fastseq.backend("triton"):

@@ -94,3 +94,18 @@ def run(benchmark, fn: Callable[[], object], baseline: Callable[[], object], **i
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
                                 ms=round(ours_ms, 4), torch_ms=round(base_ms, 4),
                                 speedup=round(base_ms / ours_ms, 3), **info)
+
+
+def sequence_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, grad: bool) -> Callable[[], None]:
+    """A recurrent module's forward over x, without an autograd graph, or with grad its forward and the gradients
+    of x and every parameter for the output gradient dy."""
+    leaves = [x, *module.parameters()]
+
+    def go() -> None:
+        if not grad:
+            with torch.no_grad():
+                module(x)
+            return
+        y, _ = module(x)
+        torch.autograd.grad(y, leaves, dy)
+    return go

@@ -749,16 +749,19 @@ def rnn_cell_fused(x: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_hh: 
 # Ahead-of-time configurations: every kernel at every configuration the launchers above can pick.
 # ----------------------------------------------------------------------------------------------------------------
 def _aot_spec(fn, dtype: torch.dtype, constexprs: dict, num_warps: int, num_stages: int = 3,
-              fp32_ptrs: tuple[str, ...] = ()) -> AOTSpec:
+              fp32_ptrs: tuple[str, ...] = (), i64_ptrs: tuple[str, ...] = (), **options) -> AOTSpec:
+    """fn's configuration: pointers to `dtype` (float32 for fp32_ptrs, int64 for i64_ptrs), other arguments i32;
+    options: AOTSpec's other fields."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in fp32_ptrs else _PTR[dtype]
+            sig[name] = "*fp32" if name in fp32_ptrs else "*i64" if name in i64_ptrs else _PTR[dtype]
         else:
             sig[name] = "i32"
-    return AOTSpec(fn=fn, signature=sig, constexprs=constexprs, num_warps=num_warps, num_stages=num_stages)
+    return AOTSpec(fn=fn, signature=sig, constexprs=constexprs, num_warps=num_warps, num_stages=num_stages,
+                   **options)
 
 
 def _aot_specs() -> list[AOTSpec]:

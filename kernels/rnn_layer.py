@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 from .aot import AOTSpec
-from .rnn_cell import (PW_BLOCK_H, PW_BLOCK_N, PW_WARPS, _gru_bwd_kernel, _gru_fwd_kernel, _lstm_bwd_kernel,
-                       _lstm_fwd_kernel, _pw_grid, _rnn_bwd_kernel, _rnn_fwd_kernel, _sigmoid, _tanh)
+from .rnn_cell import (PW_BLOCK_H, PW_BLOCK_N, PW_WARPS, _aot_spec, _biases, _gru_bwd_kernel, _gru_fwd_kernel,
+                       _lstm_bwd_kernel, _lstm_fwd_kernel, _pw_grid, _rnn_bwd_kernel, _rnn_fwd_kernel, _sigmoid,
+                       _tanh)
 
 _LSTM = ("lstm", "peephole_lstm")
 _MODES = (*_LSTM, "gru", "rnn_tanh", "rnn_relu")
@@ -44,10 +45,9 @@ class LayerSteps:
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {list(_MODES)}, got {mode!r}")
         self.mode, self.in_place, self.persistent = mode, in_place, persistent
-        self.has_bias = b_ih is not None or b_hh is not None
         some = b_ih if b_ih is not None else b_hh
-        self.b_ih = None if some is None else (b_ih.contiguous() if b_ih is not None else torch.zeros_like(some))
-        self.b_hh = None if some is None else (b_hh.contiguous() if b_hh is not None else torch.zeros_like(some))
+        self.has_bias, self.b_ih, self.b_hh = (False, None, None) if some is None else \
+            _biases(b_ih, b_hh, some.shape[0], some)
         self.peephole = None if peephole is None else peephole.contiguous()
 
     def forward(self, gi, hg, h_prev, c_prev, h, c, gates) -> None:
@@ -160,6 +160,22 @@ def _w_tile(w_ptr, g: tl.constexpr, H, a, b, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
+def _w_tiles(w_ptr, H, cols, MODE: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """The tiles (_w_tile) of every gate of MODE's W_hh: (w0, w1, w2, w3), w0 standing in for the gates the mode
+    does not have (never read)."""
+    w0 = _w_tile(w_ptr, 0, H, cols, cols, TRANSPOSE)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if MODE <= 1:
+        w1 = _w_tile(w_ptr, 1, H, cols, cols, TRANSPOSE)
+        w2 = _w_tile(w_ptr, 2, H, cols, cols, TRANSPOSE)
+    if MODE == 0:
+        w3 = _w_tile(w_ptr, 3, H, cols, cols, TRANSPOSE)
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def _bias(b_ih_ptr, b_hh_ptr, g: tl.constexpr, H, cols, IH: tl.constexpr, HH: tl.constexpr):
     """(1, BLOCK_H) float32: gate g's b_ih (IH) plus its b_hh (HH)."""
     cmask = cols < H
@@ -212,20 +228,10 @@ def _seq_fwd_kernel(
         b_in = _bias(b_ih_ptr, b_hh_ptr, 2, H, cols, HAS_BIAS, False)
         b_hn = _bias(b_ih_ptr, b_hh_ptr, 2, H, cols, False, HAS_BIAS)
     if W_RESIDENT:
-        w0 = _w_tile(w_ptr, 0, H, cols, cols, True)
-        if MODE <= 1:
-            w1 = _w_tile(w_ptr, 1, H, cols, cols, True)
-            w2 = _w_tile(w_ptr, 2, H, cols, cols, True)
-        if MODE == 0:
-            w3 = _w_tile(w_ptr, 3, H, cols, cols, True)
+        w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, True)
     for t in range(T):
         if not W_RESIDENT:
-            w0 = _w_tile(w_ptr, 0, H, cols, cols, True)
-            if MODE <= 1:
-                w1 = _w_tile(w_ptr, 1, H, cols, cols, True)
-                w2 = _w_tile(w_ptr, 2, H, cols, cols, True)
-            if MODE == 0:
-                w3 = _w_tile(w_ptr, 3, H, cols, cols, True)
+            w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, True)
         n = tl.load(steps_ptr + 4 * t)
         off = tl.load(steps_ptr + 4 * t + 1)
         mask = (rows < n)[:, None] & cmask[None, :]
@@ -324,21 +330,11 @@ def _seq_bwd_kernel(
             p_f = tl.load(p_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             p_o = tl.load(p_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if W_RESIDENT:
-        w0 = _w_tile(w_ptr, 0, H, cols, cols, False)
-        if MODE <= 1:
-            w1 = _w_tile(w_ptr, 1, H, cols, cols, False)
-            w2 = _w_tile(w_ptr, 2, H, cols, cols, False)
-        if MODE == 0:
-            w3 = _w_tile(w_ptr, 3, H, cols, cols, False)
+        w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, False)
     for tt in range(T):
         t = T - 1 - tt
         if not W_RESIDENT:
-            w0 = _w_tile(w_ptr, 0, H, cols, cols, False)
-            if MODE <= 1:
-                w1 = _w_tile(w_ptr, 1, H, cols, cols, False)
-                w2 = _w_tile(w_ptr, 2, H, cols, cols, False)
-            if MODE == 0:
-                w3 = _w_tile(w_ptr, 3, H, cols, cols, False)
+            w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, False)
         n = tl.load(steps_ptr + 4 * t)
         off = tl.load(steps_ptr + 4 * t + 1)
         n_prev = tl.load(steps_ptr + 4 * t + 2)
@@ -490,9 +486,6 @@ def _schedule(steps: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, 
 # Ahead-of-time configurations of the persistent kernels: every configuration they run in (see SEQ_DTYPES); make
 # triton-check prints their registers, spills and shared memory per architecture.
 # ----------------------------------------------------------------------------------------------------------------
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def _aot_specs() -> list[AOTSpec]:
     specs = []
     for dtype in SEQ_DTYPES:
@@ -502,10 +495,8 @@ def _aot_specs() -> list[AOTSpec]:
                     for kernel in (_seq_fwd_kernel, _seq_bwd_kernel):
                         meta = _seq_constexprs(mode, hidden, mode == "peephole_lstm", resident,
                                                kernel is _seq_bwd_kernel)
-                        sig = {n: "constexpr" if n in meta else "*i64" if n == "steps_ptr" else _PTR[dtype]
-                               if n.endswith("_ptr") else "i32" for n in kernel.arg_names}
-                        specs.append(AOTSpec(fn=kernel, signature=sig, constexprs=meta, num_warps=SEQ_WARPS,
-                                             num_stages=1, optional=True, specialize=False))
+                        specs.append(_aot_spec(kernel, dtype, meta, SEQ_WARPS, 1, i64_ptrs=("steps_ptr",),
+                                               optional=True, specialize=False))
     return specs
 
 
