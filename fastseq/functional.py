@@ -435,7 +435,8 @@ def _direction(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: tup
     hidden = weights[1].shape[0] // m.gates
     step_bytes = h0.shape[0] * max(m.saved, 1) * hidden * x.element_size()  # its gates
     chunk = max(1, _CHUNK_BYTES // max(1, step_bytes))
-    if chunk >= steps or needs_grad(x, h0, c0, *weights) or torch.compiler.is_compiling():
+    if chunk >= steps or needs_grad(x, h0, c0, *weights) or torch.compiler.is_compiling() \
+            or ops.rnn_layer.onednn_rejects(mode, x, h0, c0, *weights, batch_sizes) is None:
         return ops.rnn_layer.apply(mode, x, h0, c0, *weights, reverse, batch_sizes)
     # rows of each time step in x (packed: the offsets of the steps in the data)
     first = [0, *torch.cumsum(batch_sizes, 0).tolist()] if batch_sizes is not None else None

@@ -300,6 +300,74 @@ def test_no_grad_forward_in_chunks(monkeypatch, kind, packed, chunk_steps):
         assert_close(g, w, *TOL[torch.float64], f"output {i}")
 
 
+ONEDNN_DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+
+
+@pytest.mark.parametrize("onednn", ["0", "1", ""])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", ONEDNN_DTYPES, ids=str)
+def test_no_grad_lstm_on_onednn(monkeypatch, dtype, bias, onednn):
+    """A float32 / bfloat16 LSTM forward without grad on the cpu backend runs oneDNN's LSTM primitive where it is
+    faster (FASTSEQ_ONEDNN unset), everywhere it can run (1) or nowhere (0): outputs and final states equal torch's
+    (2 bidirectional layers, 16 rows, hx given, with and without biases), and the layer directions ran where the rule
+    says."""
+    monkeypatch.setenv("FASTSEQ_ONEDNN", onednn)
+    theirs, ours = _modules("lstm", 24, 32, dtype, num_layers=2, bidirectional=True, bias=bias)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(9, 16, 24, generator=gen).to(dtype)
+    hx = _states("lstm", 2, 2, 16, 32, 0, dtype, gen)
+    calls = []
+    forward = op._onednn_forward
+    monkeypatch.setattr(op, "_onednn_forward", lambda *args: calls.append(args) or forward(*args))
+    with torch.no_grad(), fastseq.backend("cpu"):
+        got, want = ours(x, hx), theirs(x, hx)
+    assert len(calls) == (0 if onednn == "0" else 4)
+    tol = (2e-2, 2e-2) if dtype == torch.bfloat16 else TOL[torch.float32]
+    for i, (g, w) in enumerate(zip(_flat(got), _flat(want), strict=True)):
+        assert g.dtype == w.dtype
+        assert_close(g, w, *tol, f"output {i}")
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_onednn_selection_rule(monkeypatch):
+    """Which LSTM forwards run on oneDNN: without grad, plain LSTM (no projection, peephole or packed input),
+    float32 (bfloat16 where the CPU has it), on the cpu backend, with oneDNN enabled, where the measured rule says it
+    wins (float32: from 4 rows below H=1024, from 16 rows at any H) or FASTSEQ_ONEDNN=1; each refusal says why."""
+    monkeypatch.delenv("FASTSEQ_ONEDNN", raising=False)
+
+    def rejects(n=16, hidden=32, dtype=torch.float32, mode="lstm", grad=False, proj=False, peephole=False,
+                packed=False):
+        x = torch.zeros(5, n, 8, dtype=dtype, requires_grad=grad)
+        h0, c0 = torch.zeros(n, 4 if proj else hidden, dtype=dtype), torch.zeros(n, hidden, dtype=dtype)
+        w_ih, w_hh = torch.zeros(4 * hidden, 8, dtype=dtype), torch.zeros(4 * hidden, 4 if proj else hidden,
+                                                                           dtype=dtype)
+        w_hr = torch.zeros(4, hidden, dtype=dtype) if proj else None
+        p = torch.zeros(3, hidden, dtype=dtype) if peephole else None
+        sizes = torch.full((5,), n) if packed else None
+        return op.onednn_rejects(mode, x, h0, c0, w_ih, w_hh, None, None, w_hr, p, sizes)
+
+    assert rejects() is None
+    assert rejects(n=4, hidden=512) is None and rejects(n=16, hidden=1024) is None
+    assert "faster at 2 rows" in rejects(n=2) and "faster at 8 rows" in rejects(n=8, hidden=1024)
+    for kw in ({"proj": True}, {"peephole": True, "mode": "peephole_lstm"}, {"packed": True}, {"mode": "gru"}):
+        assert "plain LSTM only" in rejects(**kw)
+    assert "saved state" in rejects(grad=True)
+    assert "got torch.float64" in rejects(dtype=torch.float64)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert "mkldnn.enabled is False" in rejects()
+    with fastseq.backend("reference"):
+        assert "cpu backend" in rejects()
+    if torch.bfloat16 in ONEDNN_DTYPES:
+        assert rejects(n=1, dtype=torch.bfloat16) is None
+    monkeypatch.setenv("FASTSEQ_ONEDNN", "1")
+    assert rejects(n=1) is None
+    monkeypatch.setenv("FASTSEQ_ONEDNN", "0")
+    assert rejects() == "FASTSEQ_ONEDNN=0"
+    monkeypatch.setenv("FASTSEQ_ONEDNN", "yes")
+    with pytest.raises(ValueError, match="FASTSEQ_ONEDNN must be 0 or 1"):
+        rejects()
+
+
 @pytest.mark.parametrize("user_stream", [False, True])
 @pytest.mark.parametrize("backend_device", [p for p in GPU_BACKENDS if p.values[0][1] == "cuda"])
 def test_bidirectional_directions_on_two_streams(monkeypatch, backend_device, user_stream):
