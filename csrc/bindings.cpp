@@ -84,6 +84,34 @@ class PySteps final : public fastseq::CellSteps {
   py::object forward_, backward_;
 };
 
+OptTensor contiguous(const OptTensor& t) {
+  return t.has_value() && t->defined() ? OptTensor(t->contiguous()) : OptTensor();
+}
+
+// fastseq.functional's checks of a cell step's arguments, true where they all pass: floating tensors of input's
+// dtype and device; input (N, C) or (C,); w_ih (G*H, C); w_hh (G*H, H); b_ih, b_hh (G*H,) or None; each state
+// (N, H) ((H,) for 1-D input); peephole (3, H) or None.
+bool cell_args_ok(const at::Tensor& x, const std::vector<at::Tensor>& states, const at::Tensor& w_ih,
+                  const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& peephole,
+                  int64_t gates) {
+  auto like = [&](const at::Tensor& t) {
+    return t.defined() && t.scalar_type() == x.scalar_type() && t.device() == x.device();
+  };
+  auto absent_or = [&](const OptTensor& t, at::IntArrayRef shape) {
+    return !t.has_value() || (like(*t) && t->sizes() == shape);
+  };
+  if (!x.defined() || !x.is_floating_point() || (x.dim() != 1 && x.dim() != 2)) return false;
+  if (!like(w_hh) || w_hh.dim() != 2) return false;
+  const int64_t H = w_hh.size(1), C = x.size(-1);
+  if (w_hh.size(0) != gates * H || !like(w_ih) || w_ih.sizes() != at::IntArrayRef{gates * H, C}) return false;
+  if (!absent_or(b_ih, {gates * H}) || !absent_or(b_hh, {gates * H}) || !absent_or(peephole, {3, H})) return false;
+  const std::vector<int64_t> state = x.dim() == 2 ? std::vector<int64_t>{x.size(0), H} : std::vector<int64_t>{H};
+  for (const at::Tensor& t : states) {
+    if (!like(t) || t.sizes() != at::IntArrayRef(state)) return false;
+  }
+  return true;
+}
+
 // The step kernels of a call: Python's `steps` where given, else those of x's device.
 fastseq::StepsFactory steps_factory(const at::Tensor& x, const py::object& steps) {
   if (!steps.is_none()) {
@@ -132,6 +160,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             const OptTensor& b_hh, const OptTensor& peephole) {
     return FASTSEQ_DISPATCH(ig, lstm_cell_fwd, ig, hg, cx, b_ih, b_hh, peephole);
   }, "hy, cy, workspace = lstm_cell_fwd(igates, hgates, cx, b_ih?, b_hh?, peephole?)");
+  // A whole cell step in one call from Python: the GEMMs x W_ih^T and h W_hh^T (gates_mm) then the fused pointwise
+  // kernel (a cell step at batch 1 is mostly per-call overhead).
+  m.def("lstm_cell_step", [](const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                             const OptTensor& peephole) {
+    const at::Tensor ig = FASTSEQ_DISPATCH(x, gates_mm, x, w_ih), hg = FASTSEQ_DISPATCH(h, gates_mm, h, w_hh);
+    return FASTSEQ_DISPATCH(ig, lstm_cell_fwd, ig, hg, c.contiguous(), contiguous(b_ih), contiguous(b_hh),
+                            contiguous(peephole));
+  }, "hy, cy, workspace = lstm_cell_step(x, h, c, w_ih, w_hh, b_ih?, b_hh?, peephole?)");
+  m.def("gru_cell_step", [](const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const OptTensor& b_ih, const OptTensor& b_hh) {
+    const at::Tensor ig = FASTSEQ_DISPATCH(x, gates_mm, x, w_ih), hg = FASTSEQ_DISPATCH(h, gates_mm, h, w_hh);
+    return FASTSEQ_DISPATCH(ig, gru_cell_fwd, ig, hg, h.contiguous(), contiguous(b_ih), contiguous(b_hh));
+  }, "hy, workspace = gru_cell_step(x, h, w_ih, w_hh, b_ih?, b_hh?)");
+  m.def("rnn_cell_step", [](const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const OptTensor& b_ih, const OptTensor& b_hh, const std::string& nonlinearity) {
+    const at::Tensor ig = FASTSEQ_DISPATCH(x, gates_mm, x, w_ih), hg = FASTSEQ_DISPATCH(h, gates_mm, h, w_hh);
+    return FASTSEQ_DISPATCH(ig, rnn_cell_fwd, ig, hg, contiguous(b_ih), contiguous(b_hh), nonlinearity);
+  }, "hy = rnn_cell_step(x, h, w_ih, w_hh, b_ih?, b_hh?, nonlinearity)");
+  m.def("cell_args_ok", &cell_args_ok,
+        "Whether a cell step's arguments pass fastseq.functional's checks (the fast path of those checks: where "
+        "this is False they run and raise the precise error)", py::arg("input"), py::arg("states"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("peephole"), py::arg("gates"));
   m.def("lstm_cell_bwd", [](const at::Tensor& dhy, const at::Tensor& dcy, const at::Tensor& cx, const at::Tensor& cy,
                             const at::Tensor& ws, const OptTensor& peephole) {
     return FASTSEQ_DISPATCH(ws, lstm_cell_bwd, dhy, dcy, cx, cy, ws, peephole);

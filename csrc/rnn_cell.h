@@ -1,5 +1,6 @@
 // Recurrent cell steps: the pointwise part after the GEMMs, fused (declared here, bound in bindings.cpp).
-// igates = x W_ih^T, hgates = h W_hh^T are computed by the caller with library GEMMs; biases are added here.
+// igates = x W_ih^T, hgates = h W_hh^T are computed by the caller (gates_mm: the library GEMM, on the CPU a
+// hand-written one at a few rows); biases are added here.
 // All tensors contiguous, on one device, of one dtype (biases/peephole may be none).
 #pragma once
 #include <ATen/ATen.h>
@@ -34,7 +35,9 @@ namespace fastseq {
                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,           \
                           const std::string& nonlinearity);                                                       \
   /* dhy, hy: (N, H). Returns d(pre-activation) (N, H). */                                                        \
-  at::Tensor rnn_cell_bwd(const at::Tensor& dhy, const at::Tensor& hy, const std::string& nonlinearity);
+  at::Tensor rnn_cell_bwd(const at::Tensor& dhy, const at::Tensor& hy, const std::string& nonlinearity);          \
+  /* A step's gate GEMM: x (N, K), w (G*H, K). Returns x w^T (N, G*H). */                                         \
+  at::Tensor gates_mm(const at::Tensor& x, const at::Tensor& w);
 
 namespace cpu { FASTSEQ_RNN_CELL_DECLS }
 #ifdef WITH_CUDA

@@ -23,6 +23,8 @@ DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "refere
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastseq_backend", default=None)
 _warned: set[tuple[str, str, str]] = set()
+# select's choices without limits and without a fallback (a cell step at batch 1 is mostly per-call overhead)
+_chosen: dict[tuple, str] = {}
 
 
 @functools.cache
@@ -136,6 +138,9 @@ def select(op: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[st
     floating dtype); limits(name), where given, says why backend `name` (available, device and dtype fine) cannot
     run this call's shapes (the kernel's own statement of its limits), or None."""
     first = requested()
+    key = (op, device, dtype, id(dtypes), first, triton_interpreting())
+    if limits is None and key in _chosen:
+        return _chosen[key]
     order = DEFAULT_ORDER.get(device.type, ("reference",))
     candidates = ([first] if first else []) + [b for b in order if b != first]
     rejected: list[str] = []
@@ -147,8 +152,10 @@ def select(op: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[st
             break
         rejected.append(f"{name}: {reason}")
     if rejected:
-        key = (op, chosen, rejected[0])
-        if key not in _warned:
-            _warned.add(key)
+        warned = (op, chosen, rejected[0])
+        if warned not in _warned:
+            _warned.add(warned)
             warnings.warn(f"fastseq: {op} runs on the {chosen} backend ({'; '.join(rejected)})", stacklevel=4)
+    elif limits is None:
+        _chosen[key] = chosen  # a first choice that runs: the same for every later call with this key
     return chosen

@@ -213,10 +213,27 @@ def _batched(*ts: Tensor) -> list[Tensor]:
     return [t.unsqueeze(0) for t in ts]
 
 
+def _cell_args_ok(input, states, w_ih, w_hh, b_ih, b_hh, peephole, gates: int) -> bool:
+    """Whether the arguments of a cell step pass the checks below, in one call into fastseq._C (a cell step at
+    batch 1 is mostly per-call overhead); where not (or without the extension, or while torch.compile traces) the
+    checks run and raise."""
+    ext = backends.extension()
+    if ext is None or torch.compiler.is_compiling():
+        return False
+    try:
+        return ext.cell_args_ok(input, states, w_ih, w_hh, b_ih, b_hh, peephole, gates)
+    except TypeError:  # an argument that is not a tensor: the checks name it
+        return False
+
+
 def _lstm(input, hx, w_ih, w_hh, b_ih, b_hh, w_peephole, fn):
-    hidden = _cell_weights(input, w_ih, w_hh, b_ih, b_hh, 4)
-    h, c = _lstm_state(hx, input, hidden, fn)
-    _check_like(w_peephole, input, "w_peephole", "input", (3, hidden))
+    if type(hx) in (tuple, list) and len(hx) == 2 and _cell_args_ok(input, hx, w_ih, w_hh, b_ih, b_hh, w_peephole,
+                                                                     4):
+        h, c = hx
+    else:
+        hidden = _cell_weights(input, w_ih, w_hh, b_ih, b_hh, 4)
+        h, c = _lstm_state(hx, input, hidden, fn)
+        _check_like(w_peephole, input, "w_peephole", "input", (3, hidden))
     x = input
     if input.dim() == 1:
         x, h, c = _batched(x, h, c)
@@ -249,8 +266,9 @@ def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor
     """One GRU step, as torch's gru_cell: r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z likewise,
     n = tanh(W_in x + b_in + r*(W_hn h + b_hn)), h' = (1-z)*n + z*h (gate order r, z, n). input (N, C) with
     hx (N, H), or (C,) with (H,)."""
-    hidden = _cell_weights(input, w_ih, w_hh, b_ih, b_hh, 3)
-    h = _single_state(hx, input, hidden, "gru_cell")
+    h = hx
+    if not _cell_args_ok(input, [hx], w_ih, w_hh, b_ih, b_hh, None, 3):
+        _single_state(hx, input, _cell_weights(input, w_ih, w_hh, b_ih, b_hh, 3), "gru_cell")
     if input.dim() == 1:
         return ops.rnn_cell.gru_cell_apply(*_batched(input, h), w_ih, w_hh, b_ih, b_hh).squeeze(0)
     return ops.rnn_cell.gru_cell_apply(input, h, w_ih, w_hh, b_ih, b_hh)
@@ -258,8 +276,9 @@ def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor
 
 def _rnn(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity):
     fn = f"rnn_{nonlinearity}_cell"
-    hidden = _cell_weights(input, w_ih, w_hh, b_ih, b_hh, 1)
-    h = _single_state(hx, input, hidden, fn)
+    h = hx
+    if not _cell_args_ok(input, [hx], w_ih, w_hh, b_ih, b_hh, None, 1):
+        _single_state(hx, input, _cell_weights(input, w_ih, w_hh, b_ih, b_hh, 1), fn)
     if input.dim() == 1:
         return ops.rnn_cell.rnn_cell_apply(*_batched(input, h), w_ih, w_hh, b_ih, b_hh, nonlinearity).squeeze(0)
     return ops.rnn_cell.rnn_cell_apply(input, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)

@@ -124,6 +124,15 @@ def test_against_reference(backend, device, dtype, kind, hidden):
     _compare(kind, backend, device, dtype, _inputs(kind, n, c, hidden))
 
 
+@pytest.mark.parametrize("n, c, hidden", [(1, 8, 33), (2, 37, 5), (3, 3, 16), (4, 64, 1), (4, 100, 100)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_few_rows_gate_gemm(kind, n, c, hidden):
+    """At most 4 float32 rows the CPU step's gate GEMMs are fastseq's own (a dot product per output, rows of w four at
+    a time, the vector tail of K and the last group of fewer than 4 rows of w separately): against the reference,
+    forward and backward; with input sizes below a vector's width it is the library GEMM."""
+    _compare(kind, "cpu", "cpu", torch.float32, _inputs(kind, n, c, hidden))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", TORCH_KINDS)
 def test_against_torch_same_weights(backend_device, kind, bias):

@@ -189,5 +189,7 @@ at::Tensor rnn_cell_bwd(const at::Tensor& dhy, const at::Tensor& hy, const std::
   return dpre;
 }
 
+at::Tensor gates_mm(const at::Tensor& x, const at::Tensor& w) { return at::mm(x, w.t()); }
+
 }  // namespace cuda
 }  // namespace fastseq

@@ -2,8 +2,8 @@
 
 Forward: the GEMMs ``igates = x W_ih^T`` and ``hgates = h W_hh^T`` run through torch (ATen / cuBLAS), then one fused
 pointwise kernel of the selected backend adds the biases, applies the gate math and saves what backward needs (the
-contract of csrc/rnn_cell.h). On the triton backend the whole step (without peephole) is one fused kernel instead
-(see _fully_fused).
+contract of csrc/rnn_cell.h); on cpu and cuda both are one call into fastseq._C (``*_cell_step``), on the triton
+backend the whole step (without peephole) is one fused kernel (see _fully_fused).
 Backward: one fused pointwise kernel gives the gradients of the pre-activation gates, then GEMMs give d(input),
 d(hx) and the weight gradients (the bias gradients are the gate gradients summed over the batch).
 
@@ -109,6 +109,8 @@ def _lstm_cell_impl(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
     if backend == "reference":
         hy, cy = reference.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh, peephole)
         return hy, cy, x.new_zeros(x.shape[0], w_hh.shape[0])
+    if backend != "triton":
+        return backends.extension().lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh, peephole)
     if peephole is None and _fully_fused(backend, x):
         return _kernels(backend).lstm_cell_fused(x, h, c, w_ih, w_hh, b_ih, b_hh, allow_tf32=_allow_tf32())
     return _kernels(backend).lstm_cell_fwd(x @ w_ih.t(), h @ w_hh.t(), c.contiguous(), _c(b_ih), _c(b_hh),
@@ -187,6 +189,8 @@ def _gru_cell_impl(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tenso
     backend = _select("gru_cell", x)
     if backend == "reference":
         return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh), x.new_zeros(x.shape[0], 4 * h.shape[1])
+    if backend != "triton":
+        return backends.extension().gru_cell_step(x, h, w_ih, w_hh, b_ih, b_hh)
     if _fully_fused(backend, x):
         return _kernels(backend).gru_cell_fused(x, h, w_ih, w_hh, b_ih, b_hh, allow_tf32=_allow_tf32())
     return _kernels(backend).gru_cell_fwd(x @ w_ih.t(), h @ w_hh.t(), h.contiguous(), _c(b_ih), _c(b_hh))
@@ -255,6 +259,8 @@ def _rnn_cell_impl(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tenso
     backend = _select("rnn_cell", x)
     if backend == "reference":
         return reference.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    if backend != "triton":
+        return backends.extension().rnn_cell_step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     if _fully_fused(backend, x):
         return _kernels(backend).rnn_cell_fused(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity,
                                                 allow_tf32=_allow_tf32())
