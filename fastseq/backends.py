@@ -137,10 +137,11 @@ def select(op: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[st
     `dtypes` maps each backend that implements the op to the dtypes it supports ("reference" supports every
     floating dtype); limits(name), where given, says why backend `name` (available, device and dtype fine) cannot
     run this call's shapes (the kernel's own statement of its limits), or None."""
-    first = requested()
-    key = (op, device, dtype, id(dtypes), first, triton_interpreting())
+    key = (op, device, dtype, id(dtypes), _requested.get(), os.environ.get("FASTSEQ_BACKEND"),
+           os.environ.get("TRITON_INTERPRET"))
     if limits is None and key in _chosen:
         return _chosen[key]
+    first = requested()
     order = DEFAULT_ORDER.get(device.type, ("reference",))
     candidates = ([first] if first else []) + [b for b in order if b != first]
     rejected: list[str] = []

@@ -311,14 +311,20 @@ inline at::Tensor summed_bias(const std::optional<at::Tensor>& b_ih, const std::
 
 // The GRU row kernels' bias in the op-math dtype, (4H,): [b_ir + b_hr, b_iz + b_hz, b_in, b_hn]; b_hn stays apart,
 // it is scaled by r. Zeros where a bias is none.
+// Element by element, as summed_bias; b_ih, b_hh: contiguous, of dtype.
 inline at::Tensor gru_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, int64_t H,
                            at::ScalarType dtype) {
-  at::Tensor bias = at::zeros({4 * H}, at::TensorOptions().dtype(at::toOpMathType(dtype)));
-  if (present(b_ih)) bias.narrow(0, 0, 3 * H).add_(*b_ih);
-  if (present(b_hh)) {
-    bias.narrow(0, 0, 2 * H).add_(b_hh->narrow(0, 0, 2 * H));
-    bias.narrow(0, 3 * H, H).add_(b_hh->narrow(0, 2 * H, H));
-  }
+  at::Tensor bias = at::empty({4 * H}, at::TensorOptions().dtype(at::toOpMathType(dtype)));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "gru_bias", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    opmath_t* out = bias.mutable_data_ptr<opmath_t>();
+    const scalar_t* a = present(b_ih) ? b_ih->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = present(b_hh) ? b_hh->const_data_ptr<scalar_t>() : nullptr;
+    auto get = [](const scalar_t* p, int64_t i) { return p ? static_cast<opmath_t>(p[i]) : opmath_t(0); };
+    for (int64_t i = 0; i < 2 * H; ++i) out[i] = get(a, i) + get(b, i);   // r, z: b_i + b_h
+    for (int64_t i = 2 * H; i < 3 * H; ++i) out[i] = get(a, i);           // n: b_in
+    for (int64_t i = 0; i < H; ++i) out[3 * H + i] = get(b, 2 * H + i);   // b_hn
+  });
   return bias;
 }
 
