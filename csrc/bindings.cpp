@@ -112,6 +112,25 @@ bool cell_args_ok(const at::Tensor& x, const std::vector<at::Tensor>& states, co
   return true;
 }
 
+// fastseq.functional.layer_norm's checks, true where they all pass: a floating input whose trailing dims are
+// `shape` (non-empty, no zero size); weight and bias of `shape`, on input's device, of input's dtype (or float32
+// with bfloat16 / float16 input).
+bool layer_norm_args_ok(const at::Tensor& x, const std::vector<int64_t>& shape, const OptTensor& w,
+                        const OptTensor& b) {
+  const int64_t dims = static_cast<int64_t>(shape.size());
+  if (!x.defined() || !x.is_floating_point() || dims == 0 || x.dim() < dims) return false;
+  for (int64_t i = 0; i < dims; ++i) {
+    if (shape[i] <= 0 || x.size(x.dim() - dims + i) != shape[i]) return false;
+  }
+  const bool mixed = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  auto ok = [&](const OptTensor& p) {
+    if (!p.has_value()) return true;
+    return p->defined() && p->device() == x.device() && p->sizes() == at::IntArrayRef(shape) &&
+           (p->scalar_type() == x.scalar_type() || (mixed && p->scalar_type() == at::kFloat));
+  };
+  return ok(w) && ok(b);
+}
+
 // The step kernels of a call: Python's `steps` where given, else those of x's device.
 fastseq::StepsFactory steps_factory(const at::Tensor& x, const py::object& steps) {
   if (!steps.is_none()) {
@@ -151,6 +170,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_fwd", [](const at::Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
     return FASTSEQ_DISPATCH(x, layer_norm_fwd, x, w, b, eps);
   }, "y, mean, rstd = layer_norm_fwd(x (M,N), weight (N,)?, bias (N,)?, eps)");
+  // The op's whole forward in one call from Python (a layer norm of a few rows is mostly per-call overhead): x of
+  // any shape whose trailing dims hold n elements, weight / bias of n elements (cast to x's dtype: float32
+  // parameters of bfloat16 / float16 x); y has x's shape.
+  m.def("layer_norm_forward", [](const at::Tensor& x, int64_t n, const OptTensor& w, const OptTensor& b, double eps) {
+    const at::Tensor x2 = x.reshape({-1, n}).contiguous();
+    auto flat = [&](const OptTensor& p) {
+      return p.has_value() && p->defined() ? OptTensor(p->reshape({n}).to(x.scalar_type()).contiguous()) : OptTensor();
+    };
+    auto [y, mean, rstd] = FASTSEQ_DISPATCH(x2, layer_norm_fwd, x2, flat(w), flat(b), eps);
+    y.resize_(x.sizes());  // in place: a view of y would refuse in-place use of the output
+    return std::make_tuple(y, mean, rstd);
+  }, "y, mean, rstd = layer_norm_forward(x, n, weight?, bias?, eps)");
+  m.def("layer_norm_args_ok", &layer_norm_args_ok,
+        "Whether layer_norm's arguments pass fastseq.functional's checks (their fast path, as cell_args_ok)",
+        py::arg("input"), py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"));
   m.def("layer_norm_bwd", [](const at::Tensor& dy, const at::Tensor& x, const OptTensor& w, const at::Tensor& mean,
                              const at::Tensor& rstd, bool need_dw, bool need_db) {
     return FASTSEQ_DISPATCH(x, layer_norm_bwd, dy, x, w, mean, rstd, need_dw, need_db);

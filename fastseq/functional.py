@@ -135,8 +135,15 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias over the last len(normalized_shape) dims
     (biased variance), as torch.nn.functional.layer_norm."""
-    _check_floating(input, "input")
     shape = [normalized_shape] if isinstance(normalized_shape, numbers.Integral) else list(normalized_shape)
+    ext = backends.extension()
+    if ext is not None and not torch.compiler.is_compiling():
+        try:  # the checks below in one call on the happy path (a layer norm of few rows is mostly overhead)
+            if ext.layer_norm_args_ok(input, shape, weight, bias):
+                return ops.layer_norm.apply(input, shape, weight, bias, float(eps))
+        except TypeError:  # an argument that is not a tensor or an int: the checks name it
+            pass
+    _check_floating(input, "input")
     if not shape or any(not isinstance(s, numbers.Integral) or s < 0 for s in shape):
         raise ShapeError(f"normalized_shape must be a non-empty sequence of ints >= 0, got {normalized_shape}")
     if list(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):

@@ -7,7 +7,7 @@ import torch
 from conftest import assert_close, assert_within_torch_error, dtype_cases, on_backend
 
 import fastseq
-from fastseq import reference
+from fastseq import backends, reference
 from fastseq import functional as F
 
 WIDTHS = [1, 3, 7, 33, 1023, 4096, 16385]
@@ -196,3 +196,20 @@ def test_backend_selection():
         with fastseq.backend("nope"):
             pass
     assert "reference" in fastseq.available_backends()
+
+
+def test_fast_argument_check_agrees():
+    """fastseq._C's layer_norm_args_ok (the happy path of functional.layer_norm's checks) accepts what the Python
+    checks accept and refuses each kind of argument they reject, so that every rejection still raises their error."""
+    ext = backends.extension()
+    x = torch.randn(3, 4, 5)
+    good = [(x, [5], torch.ones(5), torch.zeros(5)), (x, [4, 5], None, None),
+            (x.bfloat16(), [5], torch.ones(5), torch.zeros(5)), (x.double(), [5], torch.ones(5).double(), None)]
+    for args in good:
+        assert ext.layer_norm_args_ok(*args)
+        F.layer_norm(*args)
+    bad = [(x, [4], None, None), (x, [], None, None), (x, [0], None, None), (x[..., :0], [0], None, None),
+           (x, [5], torch.ones(4), None), (x, [5], None, torch.ones(5).double()), (x.int(), [5], None, None),
+           (x, [2, 3, 4, 5], None, None), (x, [5], torch.ones(5).bfloat16(), None)]
+    for args in bad:
+        assert not ext.layer_norm_args_ok(*args), args

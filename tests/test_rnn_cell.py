@@ -11,7 +11,7 @@ import torch
 from conftest import assert_close, assert_within_torch_error, dtype_cases, on_backend
 
 import fastseq
-from fastseq import reference
+from fastseq import backends, reference
 from fastseq import functional as F
 
 KINDS = ["lstm", "peephole", "gru", "rnn_tanh", "rnn_relu"]
@@ -408,3 +408,20 @@ def test_unsupported_dtype_falls_back_with_a_warning():
     ref = _fwd_bwd("lstm", "ref", *data, torch.float64, "cpu")
     for name, o, r in zip(_names("lstm"), ours, ref, strict=True):
         assert_close(o, r, 2e-2 * max(1.0, r.abs().max().item()), 2e-2, name)
+
+
+def test_fast_argument_check_agrees():
+    """fastseq._C's cell_args_ok (the happy path of the functional cells' checks) accepts well-formed steps and refuses
+    each kind of argument the Python checks reject, so that every rejection still raises their error."""
+    ext = backends.extension()
+    x, h, c = torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4)
+    w_ih, w_hh, b = torch.randn(16, 3), torch.randn(16, 4), torch.randn(16)
+    assert ext.cell_args_ok(x, [h, c], w_ih, w_hh, b, b, None, 4)
+    assert ext.cell_args_ok(x[0], [h[0], c[0]], w_ih, w_hh, None, None, torch.randn(3, 4), 4)
+    bad = [(x, [h, c], w_ih, w_hh, b, b, None, 3), (x, [h, c[:1]], w_ih, w_hh, b, b, None, 4),
+           (x, [h, c.double()], w_ih, w_hh, b, b, None, 4), (x, [h, c], w_ih[:, :2], w_hh, b, b, None, 4),
+           (x, [h, c], w_ih, w_hh, b[:8], b, None, 4), (x, [h, c], w_ih, w_hh, b, b, torch.randn(4, 4), 4),
+           (x.int(), [h, c], w_ih, w_hh, b, b, None, 4), (x[None], [h, c], w_ih, w_hh, b, b, None, 4),
+           (x, [h[0], c[0]], w_ih, w_hh, b, b, None, 4)]
+    for args in bad:
+        assert not ext.cell_args_ok(*args)

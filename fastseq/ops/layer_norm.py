@@ -38,12 +38,12 @@ def _select(x: Tensor) -> str:
 def _forward(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float
              ) -> tuple[Tensor, Tensor, Tensor]:
     """y, mean, rstd: layer norm over the trailing dims `normalized_shape`; mean and rstd have one entry per row."""
+    name = _select(x)
+    if name in ("cpu", "cuda"):  # flattening, casts and the kernel in one call
+        return backends.extension().layer_norm_forward(x, math.prod(normalized_shape), weight, bias, eps)
     x2, n = _flat(x, normalized_shape)
     w, b = _flat_param(weight, n, x.dtype), _flat_param(bias, n, x.dtype)
-    name = _select(x)
-    if name in ("cpu", "cuda"):
-        y, mean, rstd = backends.extension().layer_norm_fwd(x2, w, b, eps)
-    elif name == "triton":
+    if name == "triton":
         from ..kernels import layer_norm as tk
 
         y, mean, rstd = tk.layer_norm_fwd(x2, w, b, eps)
