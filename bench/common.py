@@ -26,13 +26,18 @@ def _reps(first_ms: float) -> int:
 def median_ms(fn: Callable[[], object], reps: int | None = None, warmup: int = 2) -> float:
     """Median wall time of fn() in milliseconds (CUDA events on the GPU), after `warmup` calls (the last of which,
     past any compilation, sizes `reps` when it is not given)."""
+    first_ms = 1.0
     for i in range(warmup):
         t = time.perf_counter()
         fn()
         sync()
+        first_ms = (time.perf_counter() - t) * 1e3
         if i == warmup - 1 and reps is None:
-            reps = _reps((time.perf_counter() - t) * 1e3)
+            reps = _reps(first_ms)
     reps = reps or 3
+    # on the CPU a sample of a call shorter than a millisecond times enough calls to last about one (a single
+    # 20 us call is within the clock's and the scheduler's noise)
+    inner = max(1, min(1000, int(1.0 / max(first_ms, 1e-3)))) if DEVICE != "cuda" else 1
     times = []
     for _ in range(reps):
         if DEVICE == "cuda":
@@ -44,8 +49,9 @@ def median_ms(fn: Callable[[], object], reps: int | None = None, warmup: int = 2
             times.append(start.elapsed_time(end))
         else:
             t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t) * 1e3 / inner)
     return statistics.median(times)
 
 
