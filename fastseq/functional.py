@@ -39,6 +39,19 @@ def _check_like(t: Tensor | None, ref: Tensor, name: str, ref_name: str, shape: 
         raise DTypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
+def _fast_checks_pass(check: str, *args) -> bool:
+    """Whether fastseq._C's `check` (cell_args_ok, layer_norm_args_ok: the happy path of the Python checks in one
+    call, as a cell step or a layer norm of few rows is mostly per-call overhead) accepts the arguments. Where not
+    (or without the extension, or while torch.compile traces) the Python checks run and raise the precise error."""
+    ext = backends.extension()
+    if ext is None or torch.compiler.is_compiling():
+        return False
+    try:
+        return getattr(ext, check)(*args)
+    except TypeError:  # an argument of a type the check does not take: the Python checks name it
+        return False
+
+
 # ------------------------------------------------------------------------------------------------------ autocast
 def _map_tensors(fn: Callable[[Tensor], Tensor], x):
     """fn applied to x if it is a tensor, to each element if it is a list or tuple; anything else as it is."""
@@ -136,13 +149,8 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
     """y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias over the last len(normalized_shape) dims
     (biased variance), as torch.nn.functional.layer_norm."""
     shape = [normalized_shape] if isinstance(normalized_shape, numbers.Integral) else list(normalized_shape)
-    ext = backends.extension()
-    if ext is not None and not torch.compiler.is_compiling():
-        try:  # the checks below in one call on the happy path (a layer norm of few rows is mostly overhead)
-            if ext.layer_norm_args_ok(input, shape, weight, bias):
-                return ops.layer_norm.apply(input, shape, weight, bias, float(eps))
-        except TypeError:  # an argument that is not a tensor or an int: the checks name it
-            pass
+    if _fast_checks_pass("layer_norm_args_ok", input, shape, weight, bias):
+        return ops.layer_norm.apply(input, shape, weight, bias, float(eps))
     _check_floating(input, "input")
     if not shape or any(not isinstance(s, numbers.Integral) or s < 0 for s in shape):
         raise ShapeError(f"normalized_shape must be a non-empty sequence of ints >= 0, got {normalized_shape}")
@@ -220,22 +228,9 @@ def _batched(*ts: Tensor) -> list[Tensor]:
     return [t.unsqueeze(0) for t in ts]
 
 
-def _cell_args_ok(input, states, w_ih, w_hh, b_ih, b_hh, peephole, gates: int) -> bool:
-    """Whether the arguments of a cell step pass the checks below, in one call into fastseq._C (a cell step at
-    batch 1 is mostly per-call overhead); where not (or without the extension, or while torch.compile traces) the
-    checks run and raise."""
-    ext = backends.extension()
-    if ext is None or torch.compiler.is_compiling():
-        return False
-    try:
-        return ext.cell_args_ok(input, states, w_ih, w_hh, b_ih, b_hh, peephole, gates)
-    except TypeError:  # an argument that is not a tensor: the checks name it
-        return False
-
-
 def _lstm(input, hx, w_ih, w_hh, b_ih, b_hh, w_peephole, fn):
-    if type(hx) in (tuple, list) and len(hx) == 2 and _cell_args_ok(input, hx, w_ih, w_hh, b_ih, b_hh, w_peephole,
-                                                                     4):
+    if type(hx) in (tuple, list) and len(hx) == 2 and _fast_checks_pass("cell_args_ok", input, hx, w_ih, w_hh,
+                                                                         b_ih, b_hh, w_peephole, 4):
         h, c = hx
     else:
         hidden = _cell_weights(input, w_ih, w_hh, b_ih, b_hh, 4)
@@ -274,7 +269,7 @@ def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor
     n = tanh(W_in x + b_in + r*(W_hn h + b_hn)), h' = (1-z)*n + z*h (gate order r, z, n). input (N, C) with
     hx (N, H), or (C,) with (H,)."""
     h = hx
-    if not _cell_args_ok(input, [hx], w_ih, w_hh, b_ih, b_hh, None, 3):
+    if not _fast_checks_pass("cell_args_ok", input, [hx], w_ih, w_hh, b_ih, b_hh, None, 3):
         _single_state(hx, input, _cell_weights(input, w_ih, w_hh, b_ih, b_hh, 3), "gru_cell")
     if input.dim() == 1:
         return ops.rnn_cell.gru_cell_apply(*_batched(input, h), w_ih, w_hh, b_ih, b_hh).squeeze(0)
@@ -284,7 +279,7 @@ def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor
 def _rnn(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity):
     fn = f"rnn_{nonlinearity}_cell"
     h = hx
-    if not _cell_args_ok(input, [hx], w_ih, w_hh, b_ih, b_hh, None, 1):
+    if not _fast_checks_pass("cell_args_ok", input, [hx], w_ih, w_hh, b_ih, b_hh, None, 1):
         _single_state(hx, input, _cell_weights(input, w_ih, w_hh, b_ih, b_hh, 1), fn)
     if input.dim() == 1:
         return ops.rnn_cell.rnn_cell_apply(*_batched(input, h), w_ih, w_hh, b_ih, b_hh, nonlinearity).squeeze(0)
@@ -454,15 +449,19 @@ _CHUNK_BYTES = 32 * 2**20
 
 def _direction(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: tuple, reverse: bool,
                batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One layer direction: y, h_n, c_n of fastseq::rnn_layer over x (T, N, C) or packed data with batch_sizes; in
-    chunks of steps (ops.rnn_layer.apply per chunk, the state carried over) when nothing needs grad."""
+    """One layer direction: y, h_n, c_n of fastseq::rnn_layer over x (T, N, C) or packed data with batch_sizes.
+    When nothing needs grad: on oneDNN's LSTM primitive where ops.rnn_layer.onednn_rejects finds no reason against
+    it, else in chunks of steps (ops.rnn_layer.apply per chunk, the state carried over)."""
+    if needs_grad(x, h0, c0, *weights) or torch.compiler.is_compiling():
+        return ops.rnn_layer.apply(mode, x, h0, c0, *weights, reverse, batch_sizes)
+    if ops.rnn_layer.onednn_rejects(mode, x, h0, c0, *weights, batch_sizes) is None:
+        return ops.rnn_layer.onednn_forward(x, h0, c0, *weights[:4], reverse)
     steps = len(batch_sizes) if batch_sizes is not None else x.shape[0]
     m = modes.mode(mode)
     hidden = weights[1].shape[0] // m.gates
     step_bytes = h0.shape[0] * max(m.saved, 1) * hidden * x.element_size()  # its gates
     chunk = max(1, _CHUNK_BYTES // max(1, step_bytes))
-    if chunk >= steps or needs_grad(x, h0, c0, *weights) or torch.compiler.is_compiling() \
-            or ops.rnn_layer.onednn_rejects(mode, x, h0, c0, *weights, batch_sizes) is None:
+    if chunk >= steps:
         return ops.rnn_layer.apply(mode, x, h0, c0, *weights, reverse, batch_sizes)
     # rows of each time step in x (packed: the offsets of the steps in the data)
     first = [0, *torch.cumsum(batch_sizes, 0).tolist()] if batch_sizes is not None else None

@@ -170,7 +170,7 @@ _RNNLayerFunction = eager_function("RNNLayerFunction", _forward, _setup_context,
 
 
 # ---- inference on oneDNN's LSTM primitive ----
-# An LSTM forward without grad on the CPU runs oneDNN's LSTM layer primitive (through ATen's mkldnn_rnn_layer, the
+# An LSTM forward without grad on the CPU (functional._direction) runs oneDNN's LSTM layer primitive (through ATen's mkldnn_rnn_layer, the
 # primitive torch.nn.LSTM runs there) where it is faster than fastseq's loop: its results are torch's bit for bit.
 # FASTSEQ_ONEDNN=0 turns it off, =1 uses it wherever it can run; unset, where it wins (_onednn_wins).
 _ONEDNN = {"0": False, "1": True, "": None}
@@ -210,7 +210,7 @@ def onednn_rejects(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Te
     return None
 
 
-def _onednn_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+def onednn_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                     b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """y (T, N, H), h_n, c_n (N, H) of an LSTM layer direction by oneDNN (inference: no workspace)."""
     hidden = w_hh.shape[1]
@@ -227,8 +227,6 @@ def apply(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_h
           batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """y, h_n, c_n (None unless the mode has a cell state) of one layer direction, through the fastest path for the
     current mode."""
-    if onednn_rejects(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, batch_sizes) is None:
-        return _onednn_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
     y, h_n, c_n, *_ = call(rnn_layer, _RNNLayerFunction, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
                            reverse, batch_sizes)
     return y, h_n, c_n if modes.mode(mode).cell else None
