@@ -38,6 +38,7 @@ class AOTSpec:
     optional: bool = False
     # False: no assumption on the arguments' values (as a kernel JIT-compiled with do_not_specialize on them).
     specialize: bool = True
+    maxnreg: int | None = None  # registers per thread, as the launcher's maxnreg
 
     def attrs(self) -> dict[tuple[int, ...], list[list[Any]]]:
         names = list(self.signature)
@@ -50,7 +51,8 @@ class AOTSpec:
     def name(self) -> str:
         params = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
         dtype = next((t[1:] for t in self.signature.values() if t.startswith("*")), "")
-        return f"{self.fn.__name__}[{dtype},{params},w{self.num_warps},s{self.num_stages}]"
+        regs = f",r{self.maxnreg}" if self.maxnreg else ""
+        return f"{self.fn.__name__}[{dtype},{params},w{self.num_warps},s{self.num_stages}{regs}]"
 
 
 def _resource_usage(cubin: bytes) -> str:
@@ -94,7 +96,8 @@ def _compile(index: int) -> tuple[bool, str]:
         try:
             src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs())
             k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                        **({"maxnreg": spec.maxnreg} if spec.maxnreg else {})})
             fits = k.metadata.shared <= SHARED_LIMIT[cc]
             ok &= fits or spec.optional
             verdict = "ok  " if fits else "n/a " if spec.optional else "FAIL"

@@ -83,9 +83,9 @@ class LayerSteps:
         else:
             _launch(_rnn_bwd_kernel, (dh, h, dgi), n, hidden, RELU=self.mode == "rnn_relu")
 
-    def _config(self, hidden: int, like: torch.Tensor, w_hr: torch.Tensor | None) -> bool | None:
+    def _config(self, hidden: int, like: torch.Tensor, w_hr: torch.Tensor | None) -> bool:
         if w_hr is not None:  # the persistent kernels have no projection
-            return None
+            return False
         return persistent_config(self.mode, hidden, like.dtype, like.device, self.peephole is not None,
                                  self.persistent)
 
@@ -100,35 +100,33 @@ class LayerSteps:
         per step its batch size, first row, rows continuing from the previous step and the previous step's first
         row; gi (rows, G*H); y, c (rows, H); gates (rows, 4H) or None; h0, c0 (N, H); w_hh (G*H, H)."""
         n, hidden = h0.shape
-        resident = self._config(hidden, h0, w_hr)
-        if resident is None:
+        if not self._config(hidden, h0, w_hr):
             return False
         sched, T = _schedule(steps, h0.device)
-        meta = _seq_constexprs(self.mode, hidden, self.peephole is not None, resident, False)
+        meta = _seq_constexprs(self.mode, hidden, self.peephole is not None, False)
         b_ih, b_hh = self._seq_biases(w_hh.shape[0], y)
         peep = self.peephole if self.peephole is not None else y
         if n and hidden and T:
             _seq_fwd_kernel[(triton.cdiv(n, SEQ_BLOCK_N),)](
                 gi, w_hh, b_ih, b_hh, peep, h0, y if c0 is None else c0, y, y if c is None else c,
                 y if gates is None else gates, sched, T, n, hidden, gi.stride(0), **meta, num_warps=SEQ_WARPS,
-                num_stages=1)
+                num_stages=1, maxnreg=SEQ_MAXNREG)
         return True
 
     def backward_sequence(self, steps, dy, h_seq, c_seq, gates, dgi, dgh, dh, dc, h0, c0, w_hh, w_hr) -> bool:
         """The whole backward loop in one launch of _seq_bwd_kernel, where it runs (else False): dh, dc (N, H) hold
         d h_n, d c_n and are left holding d h0, d c0; dgi, dgh (rows, G*H) get the gate gradients of every step."""
         n, hidden = h0.shape
-        resident = self._config(hidden, h0, w_hr)
-        if resident is None:
+        if not self._config(hidden, h0, w_hr):
             return False
         sched, T = _schedule(steps, h0.device)
-        meta = _seq_constexprs(self.mode, hidden, self.peephole is not None, resident, True)
+        meta = _seq_constexprs(self.mode, hidden, self.peephole is not None, True)
         peep = self.peephole if self.peephole is not None else dh
         if n and hidden and T:
             _seq_bwd_kernel[(triton.cdiv(n, SEQ_BLOCK_N),)](
                 dy, w_hh, peep, h0, dh if c0 is None else c0, h_seq, dh if c_seq is None else c_seq,
                 dh if gates is None else gates, dgi, dgh, dh, dh if dc is None else dc, sched, T, n, hidden, **meta,
-                num_warps=SEQ_WARPS, num_stages=1)
+                num_warps=SEQ_WARPS, num_stages=1, maxnreg=SEQ_MAXNREG)
         return True
 
 
@@ -136,7 +134,7 @@ class LayerSteps:
 # Persistent kernels: the whole time loop of one layer direction in one launch. Each program owns BLOCK_N batch rows
 # and all H hidden units, so programs never wait for each other (no grid barrier; Triton's interpreter, which runs
 # programs one after another, runs them too). h and c stay in registers across the steps; W_hh is loaded once before
-# the loop (W_RESIDENT) or read from L2 each step; each step reads its rows of x W_ih^T (the loop's GEMM before the
+# the loop and stays on chip (shared memory); each step reads its rows of x W_ih^T (the loop's GEMM before the
 # kernel), adds h W_hh^T with tl.dot, applies the cell and writes h, c and the activated gates. Rows past a packed
 # step's batch size are masked: they keep their state, so that a row that ended holds h_n and a row that has not
 # started (reverse direction) still holds h0. States are rounded to the storage dtype after each step, as the host
@@ -176,6 +174,30 @@ def _w_tiles(w_ptr, H, cols, MODE: tl.constexpr, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
+def _tile(stride, BLOCK_N: tl.constexpr, cols):
+    """(BLOCK_N, BLOCK_H) int32 offsets of a tile of rows from its first element: a step adds its first row as a
+    scalar, so that the loop keeps 32-bit offsets per element instead of 64-bit ones."""
+    return tl.arange(0, BLOCK_N)[:, None] * stride + cols[None, :]
+
+
+@triton.jit
+def _row_mask(rows, n, cmask, EVEN_H: tl.constexpr):
+    """The rows of a step's batch (rows < n) and, unless H is the block's width, the columns below H."""
+    mask = (rows < n)[:, None]
+    if not EVEN_H:
+        mask = mask & cmask[None, :]
+    return mask
+
+
+@triton.jit
+def _pre(hin, w, bias, gi_ptr, mask, INPUT_PRECISION: tl.constexpr):
+    """One gate's pre-activation on a step's rows: h W_g^T + bias + x W_ih,g^T (the step's rows at gi_ptr), float32.
+    (In this order: the input rows as the dot's accumulator make the float32 products of Triton 3.6 spill.)"""
+    a = tl.dot(hin, w, input_precision=INPUT_PRECISION) + bias
+    return a + tl.load(gi_ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _bias(b_ih_ptr, b_hh_ptr, g: tl.constexpr, H, cols, IH: tl.constexpr, HH: tl.constexpr):
     """(1, BLOCK_H) float32: gate g's b_ih (IH) plus its b_hh (HH)."""
     cmask = cols < H
@@ -202,14 +224,20 @@ def _seq_fwd_kernel(
     ws_ptr,     # (rows, 4H) out: the activated gates (LSTM [i, f, g, o], GRU [r, z, n, hn])
     steps_ptr,  # (T, 4) int64: per step in running order its batch size, first row, rows continuing, previous first
     T, N, H, gi_stride,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PEEPHOLE: tl.constexpr, W_RESIDENT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PEEPHOLE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_H:  # H == BLOCK_H: no column mask, constant strides
+        H = BLOCK_H
+    first = tl.program_id(0) * BLOCK_N
+    rows = first + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < H
     r64 = rows.to(tl.int64)
     dt = y_ptr.dtype.element_ty
+    g_tile = _tile(gi_stride, BLOCK_N, cols)
+    h_tile = _tile(H, BLOCK_N, cols)
+    w_tile = _tile(4 * H, BLOCK_N, cols)
     state = (rows < N)[:, None] & cmask[None, :]
     h = tl.load(h0_ptr + r64[:, None] * H + cols[None, :], mask=state, other=0.0).to(tl.float32)
     if MODE == 0:
@@ -227,62 +255,66 @@ def _seq_fwd_kernel(
         b1 = _bias(b_ih_ptr, b_hh_ptr, 1, H, cols, HAS_BIAS, HAS_BIAS)
         b_in = _bias(b_ih_ptr, b_hh_ptr, 2, H, cols, HAS_BIAS, False)
         b_hn = _bias(b_ih_ptr, b_hh_ptr, 2, H, cols, False, HAS_BIAS)
-    if W_RESIDENT:
-        w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, True)
+    w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, True)  # on chip for the whole loop
+    # The products of every gate first (float32: FMA products) or one gate at a time, each gate stored as soon as it
+    # is computed (bfloat16: mma): the order in which each compiles without spilling registers.
+    products_first: tl.constexpr = w_ptr.dtype.element_ty == tl.float32
     for t in range(T):
-        if not W_RESIDENT:
-            w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, True)
         n = tl.load(steps_ptr + 4 * t)
-        off = tl.load(steps_ptr + 4 * t + 1)
-        mask = (rows < n)[:, None] & cmask[None, :]
-        row = off + r64
-        g_off = row[:, None] * gi_stride + cols[None, :]
-        h_off = row[:, None] * H + cols[None, :]
-        w_off = row[:, None] * (4 * H) + cols[None, :]
+        base = tl.load(steps_ptr + 4 * t + 1) + first  # the step's row of this program's first row
+        mask = _row_mask(rows, n, cmask, EVEN_H)
+        g_ptr = gi_ptr + base * gi_stride + g_tile
+        hb = base * H
+        wb = base * (4 * H)
         hin = h.to(w_ptr.dtype.element_ty)  # the recurrent GEMM reads h as stored
-        a0 = tl.dot(hin, w0, input_precision=INPUT_PRECISION) + b0
-        a0 += tl.load(gi_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
         if MODE == 0:
-            a1 = tl.dot(hin, w1, input_precision=INPUT_PRECISION) + b1
-            a1 += tl.load(gi_ptr + g_off + H, mask=mask, other=0.0).to(tl.float32)
-            a2 = tl.dot(hin, w2, input_precision=INPUT_PRECISION) + b2
-            a2 += tl.load(gi_ptr + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
-            a3 = tl.dot(hin, w3, input_precision=INPUT_PRECISION) + b3
-            a3 += tl.load(gi_ptr + g_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
+            if products_first:
+                a0 = _pre(hin, w0, b0, g_ptr, mask, INPUT_PRECISION)
+                a1 = _pre(hin, w1, b1, g_ptr + H, mask, INPUT_PRECISION)
+                a2 = _pre(hin, w2, b2, g_ptr + 2 * H, mask, INPUT_PRECISION)
+                a3 = _pre(hin, w3, b3, g_ptr + 3 * H, mask, INPUT_PRECISION)
+            f = a1 if products_first else _pre(hin, w1, b1, g_ptr + H, mask, INPUT_PRECISION)
             if HAS_PEEPHOLE:
-                a0 += p_i * c
-                a1 += p_f * c
-            i = _sigmoid(a0)
-            f = _sigmoid(a1)
-            g = _tanh(a2)
-            c_new = (f * c + i * g).to(dt).to(tl.float32)
+                f += p_f * c
+            f = _sigmoid(f)
+            tl.store(ws_ptr + wb + H + w_tile, f.to(dt), mask=mask)
+            c_new = f * c
+            i = a0 if products_first else _pre(hin, w0, b0, g_ptr, mask, INPUT_PRECISION)
             if HAS_PEEPHOLE:
-                a3 += p_o * c_new
-            o = _sigmoid(a3)
+                i += p_i * c
+            i = _sigmoid(i)
+            tl.store(ws_ptr + wb + w_tile, i.to(dt), mask=mask)
+            g = _tanh(a2 if products_first else _pre(hin, w2, b2, g_ptr + 2 * H, mask, INPUT_PRECISION))
+            tl.store(ws_ptr + wb + 2 * H + w_tile, g.to(dt), mask=mask)
+            c_new = (c_new + i * g).to(dt).to(tl.float32)
+            tl.store(c_ptr + hb + h_tile, c_new.to(dt), mask=mask)
+            o = a3 if products_first else _pre(hin, w3, b3, g_ptr + 3 * H, mask, INPUT_PRECISION)
+            if HAS_PEEPHOLE:
+                o += p_o * c_new
+            o = _sigmoid(o)
+            tl.store(ws_ptr + wb + 3 * H + w_tile, o.to(dt), mask=mask)
             h_new = (o * _tanh(c_new)).to(dt).to(tl.float32)
-            tl.store(c_ptr + h_off, c_new.to(dt), mask=mask)
-            tl.store(ws_ptr + w_off, i.to(dt), mask=mask)
-            tl.store(ws_ptr + w_off + H, f.to(dt), mask=mask)
-            tl.store(ws_ptr + w_off + 2 * H, g.to(dt), mask=mask)
-            tl.store(ws_ptr + w_off + 3 * H, o.to(dt), mask=mask)
             c = tl.where(mask, c_new, c)
-        elif MODE == 1:
-            a1 = tl.dot(hin, w1, input_precision=INPUT_PRECISION) + b1
-            a1 += tl.load(gi_ptr + g_off + H, mask=mask, other=0.0).to(tl.float32)
-            hn = tl.dot(hin, w2, input_precision=INPUT_PRECISION) + b_hn
+        else:
+            a0 = _pre(hin, w0, b0, g_ptr, mask, INPUT_PRECISION)
+        if MODE == 1:
+            if products_first:
+                a1 = _pre(hin, w1, b1, g_ptr + H, mask, INPUT_PRECISION)
+                a2 = tl.dot(hin, w2, input_precision=INPUT_PRECISION) + b_hn
             r = _sigmoid(a0)
-            z = _sigmoid(a1)
-            nn = _tanh(tl.load(gi_ptr + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32) + b_in + r * hn)
+            tl.store(ws_ptr + wb + w_tile, r.to(dt), mask=mask)
+            z = _sigmoid(a1 if products_first else _pre(hin, w1, b1, g_ptr + H, mask, INPUT_PRECISION))
+            tl.store(ws_ptr + wb + H + w_tile, z.to(dt), mask=mask)
+            hn = a2 if products_first else tl.dot(hin, w2, input_precision=INPUT_PRECISION) + b_hn
+            tl.store(ws_ptr + wb + 3 * H + w_tile, hn.to(dt), mask=mask)
+            nn = _tanh(tl.load(g_ptr + 2 * H, mask=mask, other=0.0).to(tl.float32) + b_in + r * hn)
+            tl.store(ws_ptr + wb + 2 * H + w_tile, nn.to(dt), mask=mask)
             h_new = ((1.0 - z) * nn + z * h).to(dt).to(tl.float32)
-            tl.store(ws_ptr + w_off, r.to(dt), mask=mask)
-            tl.store(ws_ptr + w_off + H, z.to(dt), mask=mask)
-            tl.store(ws_ptr + w_off + 2 * H, nn.to(dt), mask=mask)
-            tl.store(ws_ptr + w_off + 3 * H, hn.to(dt), mask=mask)
         elif MODE == 2:
             h_new = _tanh(a0).to(dt).to(tl.float32)
         elif MODE == 3:
             h_new = tl.maximum(a0, 0.0, propagate_nan=tl.PropagateNan.ALL).to(dt).to(tl.float32)
-        tl.store(y_ptr + h_off, h_new.to(dt), mask=mask)
+        tl.store(y_ptr + hb + h_tile, h_new.to(dt), mask=mask)
         h = tl.where(mask, h_new, h)
 
 
@@ -303,12 +335,15 @@ def _seq_bwd_kernel(
     dc_ptr,     # (N, H) in: d c_n; out: d c0 (LSTM)
     steps_ptr,  # (T, 4) int64 as _seq_fwd_kernel's
     T, N, H,
-    MODE: tl.constexpr, HAS_PEEPHOLE: tl.constexpr, W_RESIDENT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    MODE: tl.constexpr, HAS_PEEPHOLE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr,
 ):
     """The reverse loop: per step dh += dy, the cell's backward (as kernels/rnn_cell.py's), d h_{t-1} = dgates W_hh
     (plus the GRU's direct term dh * z), with dh and dc in registers; the weight gradients are the caller's GEMMs."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_H:
+        H = BLOCK_H
+    first = tl.program_id(0) * BLOCK_N
+    rows = first + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < H
     r64 = rows.to(tl.int64)
@@ -323,37 +358,36 @@ def _seq_bwd_kernel(
         gates_h = 3 * H
     else:
         gates_h = H
+    h_tile = _tile(H, BLOCK_N, cols)
+    w_tile = _tile(4 * H, BLOCK_N, cols)
+    g_tile = _tile(gates_h, BLOCK_N, cols)
     if MODE == 0:
         dc = tl.load(dc_ptr + s_off, mask=state, other=0.0).to(tl.float32)
         if HAS_PEEPHOLE:
             p_i = tl.load(p_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             p_f = tl.load(p_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             p_o = tl.load(p_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if W_RESIDENT:
-        w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, False)
+    w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, False)
     for tt in range(T):
         t = T - 1 - tt
-        if not W_RESIDENT:
-            w0, w1, w2, w3 = _w_tiles(w_ptr, H, cols, MODE, False)
         n = tl.load(steps_ptr + 4 * t)
-        off = tl.load(steps_ptr + 4 * t + 1)
+        base = tl.load(steps_ptr + 4 * t + 1) + first
         n_prev = tl.load(steps_ptr + 4 * t + 2)
-        off_prev = tl.load(steps_ptr + 4 * t + 3)
-        mask = (rows < n)[:, None] & cmask[None, :]
+        base_prev = tl.load(steps_ptr + 4 * t + 3) + first
+        mask = _row_mask(rows, n, cmask, EVEN_H)
         cont = (rows < n_prev)[:, None]  # rows whose previous state is the previous step's (else h0 / c0)
-        row = off + r64
-        h_off = row[:, None] * H + cols[None, :]
-        p_off = (off_prev + r64)[:, None] * H + cols[None, :]
-        w_off = row[:, None] * (4 * H) + cols[None, :]
-        g_off = row[:, None] * gates_h + cols[None, :]
-        d = (dh + tl.load(dy_ptr + h_off, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        hb = base * H
+        pb = base_prev * H
+        wb = base * (4 * H)
+        gb = base * gates_h
+        d = (dh + tl.load(dy_ptr + hb + h_tile, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
         if MODE == 0:
-            i = tl.load(ws_ptr + w_off, mask=mask, other=0.0).to(tl.float32)
-            f = tl.load(ws_ptr + w_off + H, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(ws_ptr + w_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
-            o = tl.load(ws_ptr + w_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
-            cy = tl.load(c_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
-            cx = tl.where(cont, tl.load(c_ptr + p_off, mask=mask & cont, other=0.0),
+            i = tl.load(ws_ptr + wb + w_tile, mask=mask, other=0.0).to(tl.float32)
+            f = tl.load(ws_ptr + wb + H + w_tile, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(ws_ptr + wb + 2 * H + w_tile, mask=mask, other=0.0).to(tl.float32)
+            o = tl.load(ws_ptr + wb + 3 * H + w_tile, mask=mask, other=0.0).to(tl.float32)
+            cy = tl.load(c_ptr + hb + h_tile, mask=mask, other=0.0).to(tl.float32)
+            cx = tl.where(cont, tl.load(c_ptr + pb + h_tile, mask=mask & cont, other=0.0),
                           tl.load(c0_ptr + s_off, mask=mask & ~cont, other=0.0)).to(tl.float32)
             tc = _tanh(cy)
             do = d * tc * o * (1.0 - o)
@@ -367,44 +401,44 @@ def _seq_bwd_kernel(
             if HAS_PEEPHOLE:
                 dcx += di.to(tl.float32) * p_i + df.to(tl.float32) * p_f
             do = do.to(dt)
-            tl.store(dgi_ptr + g_off, di, mask=mask)
-            tl.store(dgi_ptr + g_off + H, df, mask=mask)
-            tl.store(dgi_ptr + g_off + 2 * H, dg, mask=mask)
-            tl.store(dgi_ptr + g_off + 3 * H, do, mask=mask)
+            tl.store(dgi_ptr + gb + g_tile, di, mask=mask)
+            tl.store(dgi_ptr + gb + H + g_tile, df, mask=mask)
+            tl.store(dgi_ptr + gb + 2 * H + g_tile, dg, mask=mask)
+            tl.store(dgi_ptr + gb + 3 * H + g_tile, do, mask=mask)
             dh_new = tl.dot(di.to(wt), w0, input_precision=INPUT_PRECISION)
             dh_new += tl.dot(df.to(wt), w1, input_precision=INPUT_PRECISION)
             dh_new += tl.dot(dg.to(wt), w2, input_precision=INPUT_PRECISION)
             dh_new += tl.dot(do.to(wt), w3, input_precision=INPUT_PRECISION)
             dc = tl.where(mask, dcx.to(dt).to(tl.float32), dc)
         elif MODE == 1:
-            r = tl.load(ws_ptr + w_off, mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(ws_ptr + w_off + H, mask=mask, other=0.0).to(tl.float32)
-            nn = tl.load(ws_ptr + w_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
-            hn = tl.load(ws_ptr + w_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
-            hx = tl.where(cont, tl.load(h_ptr + p_off, mask=mask & cont, other=0.0),
+            r = tl.load(ws_ptr + wb + w_tile, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(ws_ptr + wb + H + w_tile, mask=mask, other=0.0).to(tl.float32)
+            nn = tl.load(ws_ptr + wb + 2 * H + w_tile, mask=mask, other=0.0).to(tl.float32)
+            hn = tl.load(ws_ptr + wb + 3 * H + w_tile, mask=mask, other=0.0).to(tl.float32)
+            hx = tl.where(cont, tl.load(h_ptr + pb + h_tile, mask=mask & cont, other=0.0),
                           tl.load(h0_ptr + s_off, mask=mask & ~cont, other=0.0)).to(tl.float32)
             dn = d * (1.0 - z) * (1.0 - nn * nn)
             dr = (dn * hn * r * (1.0 - r)).to(dt)
             dz = (d * (hx - nn) * z * (1.0 - z)).to(dt)
             dnr = (dn * r).to(dt)
             dn = dn.to(dt)
-            tl.store(dgi_ptr + g_off, dr, mask=mask)
-            tl.store(dgi_ptr + g_off + H, dz, mask=mask)
-            tl.store(dgi_ptr + g_off + 2 * H, dn, mask=mask)
-            tl.store(dgh_ptr + g_off, dr, mask=mask)
-            tl.store(dgh_ptr + g_off + H, dz, mask=mask)
-            tl.store(dgh_ptr + g_off + 2 * H, dnr, mask=mask)
+            tl.store(dgi_ptr + gb + g_tile, dr, mask=mask)
+            tl.store(dgi_ptr + gb + H + g_tile, dz, mask=mask)
+            tl.store(dgi_ptr + gb + 2 * H + g_tile, dn, mask=mask)
+            tl.store(dgh_ptr + gb + g_tile, dr, mask=mask)
+            tl.store(dgh_ptr + gb + H + g_tile, dz, mask=mask)
+            tl.store(dgh_ptr + gb + 2 * H + g_tile, dnr, mask=mask)
             dh_new = (d * z).to(dt).to(tl.float32)
             dh_new += tl.dot(dr.to(wt), w0, input_precision=INPUT_PRECISION)
             dh_new += tl.dot(dz.to(wt), w1, input_precision=INPUT_PRECISION)
             dh_new += tl.dot(dnr.to(wt), w2, input_precision=INPUT_PRECISION)
         else:
-            hy = tl.load(h_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
+            hy = tl.load(h_ptr + hb + h_tile, mask=mask, other=0.0).to(tl.float32)
             if MODE == 2:
                 dpre = (d * (1.0 - hy * hy)).to(dt)
             else:
                 dpre = tl.where(hy <= 0.0, 0.0, d).to(dt)
-            tl.store(dgi_ptr + g_off, dpre, mask=mask)
+            tl.store(dgi_ptr + gb + g_tile, dpre, mask=mask)
             dh_new = tl.dot(dpre.to(wt), w0, input_precision=INPUT_PRECISION)
         dh = tl.where(mask, dh_new.to(dt).to(tl.float32), dh)
     tl.store(dh_ptr + s_off, dh.to(dh_ptr.dtype.element_ty), mask=state)
@@ -421,15 +455,16 @@ def _seq_bwd_kernel(
 SEQ_DTYPES = (torch.bfloat16, torch.float32)
 SEQ_BLOCK_HS = (64, 128)
 SEQ_WARPS = 16
+SEQ_MAXNREG = 128  # all that 16 warps can have; stated, ptxas would take 32-64 and spill (Triton 3.6, float32)
 
 
 def _block_h(hidden: int) -> int:
     return next((b for b in SEQ_BLOCK_HS if hidden <= b), 0)
 
 
-def _seq_constexprs(mode: str, hidden: int, has_peephole: bool, resident: bool, backward: bool) -> dict:
-    meta = dict(MODE=_SEQ_MODES[mode], HAS_PEEPHOLE=has_peephole, W_RESIDENT=resident, INPUT_PRECISION="ieee",
-                BLOCK_N=SEQ_BLOCK_N, BLOCK_H=_block_h(hidden))
+def _seq_constexprs(mode: str, hidden: int, has_peephole: bool, backward: bool) -> dict:
+    meta = dict(MODE=_SEQ_MODES[mode], HAS_PEEPHOLE=has_peephole, INPUT_PRECISION="ieee", BLOCK_N=SEQ_BLOCK_N,
+                BLOCK_H=_block_h(hidden), EVEN_H=hidden == _block_h(hidden))
     if not backward:
         meta["HAS_BIAS"] = True
     return meta
@@ -439,29 +474,24 @@ _FITS: dict[tuple, bool] = {}
 
 
 def persistent_config(mode: str, hidden: int, dtype: torch.dtype, device: torch.device, has_peephole: bool,
-                      persistent: bool | None) -> bool | None:
-    """How the persistent kernels run a layer direction: W_RESIDENT (True: W_hh loaded once into registers; False:
-    read from L2 each step), or None: not at all (the host loop runs). On a GPU, from the compiled kernels' own
-    metadata: resident where both directions' kernels compile without spilling registers, else streaming where those
-    do, else None. In Triton's interpreter only when asked (persistent=True; bfloat16 excepted: its tl.dot does not
-    run there)."""
+                      persistent: bool | None) -> bool:
+    """Whether the persistent kernels run a layer direction. On a GPU, from the compiled kernels' own metadata:
+    where both directions' kernels fit a block's shared memory and compile without spilling registers (per mode,
+    dtype, block of H and whether H fills it). In Triton's interpreter only when asked (persistent=True; bfloat16
+    excepted: its tl.dot does not run there)."""
     if persistent is False or mode not in _SEQ_MODES or not _block_h(hidden) or dtype not in SEQ_DTYPES:
-        return None
+        return False
     if device.type != "cuda":
-        return True if persistent and dtype != torch.bfloat16 else None
+        return bool(persistent) and dtype != torch.bfloat16
     if persistent is True:
         return True
-    for resident in (True, False):
-        key = (mode, _block_h(hidden), dtype, device.index, has_peephole, resident)
-        if key not in _FITS:
-            _FITS[key] = all(_spills(kernel, _seq_constexprs(mode, hidden, has_peephole, resident,
-                                                            kernel is _seq_bwd_kernel), dtype, device) == 0
-                             for kernel in (_seq_fwd_kernel, _seq_bwd_kernel))
-            _log.debug("rnn_layer %s H=%d %s: persistent kernels with W_hh %s %s", mode, hidden, dtype,
-                       "resident" if resident else "streamed", "fit" if _FITS[key] else "spill or do not fit")
-        if _FITS[key]:
-            return resident
-    return None
+    key = (mode, _block_h(hidden), hidden == _block_h(hidden), dtype, device.index, has_peephole)
+    if key not in _FITS:
+        _FITS[key] = all(_spills(kernel, _seq_constexprs(mode, hidden, has_peephole, kernel is _seq_bwd_kernel),
+                                 dtype, device) == 0 for kernel in (_seq_fwd_kernel, _seq_bwd_kernel))
+        _log.debug("rnn_layer %s H=%d %s: persistent kernels %s", mode, hidden, dtype,
+                   "fit" if _FITS[key] else "spill or do not fit")
+    return _FITS[key]
 
 
 def _spills(kernel, constexprs: dict, dtype: torch.dtype, device: torch.device) -> int:
@@ -471,7 +501,8 @@ def _spills(kernel, constexprs: dict, dtype: torch.dtype, device: torch.device) 
     steps = torch.zeros(4, dtype=torch.int64, device=device)
     names = kernel.arg_names
     args = [steps if n == "steps_ptr" else t if n.endswith("_ptr") else 1 for n in names if n not in constexprs]
-    compiled = kernel.warmup(*args, grid=(1,), num_warps=SEQ_WARPS, num_stages=1, **constexprs)
+    compiled = kernel.warmup(*args, grid=(1,), num_warps=SEQ_WARPS, num_stages=1, maxnreg=SEQ_MAXNREG,
+                              **constexprs)
     if compiled.metadata.shared > torch.cuda.get_device_properties(device).shared_memory_per_block_optin:
         return -1  # does not launch at all
     compiled._init_handles()
@@ -489,14 +520,13 @@ def _schedule(steps: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, 
 def _aot_specs() -> list[AOTSpec]:
     specs = []
     for dtype in SEQ_DTYPES:
-        for hidden in SEQ_BLOCK_HS:
-            for mode in ("lstm", "peephole_lstm", "gru", "rnn_tanh", "rnn_relu"):
-                for resident in (True, False):
+        for block_h in SEQ_BLOCK_HS:
+            for hidden in (block_h, block_h - 1):  # H filling the block (EVEN_H) or not
+                for mode in ("lstm", "peephole_lstm", "gru", "rnn_tanh", "rnn_relu"):
                     for kernel in (_seq_fwd_kernel, _seq_bwd_kernel):
-                        meta = _seq_constexprs(mode, hidden, mode == "peephole_lstm", resident,
-                                               kernel is _seq_bwd_kernel)
+                        meta = _seq_constexprs(mode, hidden, mode == "peephole_lstm", kernel is _seq_bwd_kernel)
                         specs.append(_aot_spec(kernel, dtype, meta, SEQ_WARPS, 1, i64_ptrs=("steps_ptr",),
-                                               optional=True, specialize=False))
+                                               optional=True, specialize=False, maxnreg=SEQ_MAXNREG))
     return specs
 
 

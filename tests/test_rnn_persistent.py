@@ -1,9 +1,9 @@
 """The persistent Triton kernels of the recurrent layers (kernels/rnn_layer.py: the whole time loop of a layer
 direction in one launch, forward and backward), forced on with FASTSEQ_RNN_PERSISTENT=1: every mode against
 torch.nn in float64 (the peephole LSTM against the float64 reference), plain and packed with unsorted lengths,
-both directions, with and without h0 / c0, odd hidden sizes and batch; and the kernels
-checked to have run (the host loop would pass these tests too). In Triton's interpreter without a GPU (float32:
-bfloat16's tl.dot does not run there; float16 keeps the host loop)."""
+both directions, with and without h0 / c0, hidden sizes that fill the kernels' block of columns (64, 128) or not, odd
+batch; and the kernels checked to have run (the host loop would pass these tests too). In Triton's interpreter
+without a GPU (float32: bfloat16's tl.dot does not run there; float16 keeps the host loop)."""
 from __future__ import annotations
 
 import pytest
@@ -108,7 +108,7 @@ def _check(kind, backend, device, dtype, hidden, packed, with_hx, atol, rtol, pe
 
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("hidden", [1, 33, 100])
+@pytest.mark.parametrize("hidden", [1, 33, 64, 100, 128])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend_device", TRITON)
 def test_against_torch_float32(backend_device, kind, hidden, packed, with_hx, persistent_runs):
@@ -125,13 +125,13 @@ def test_off_and_projection_keep_the_host_loop(monkeypatch):
     if backends.unavailable_reason("triton") is not None:
         pytest.skip(backends.unavailable_reason("triton"))
     b = torch.zeros(8)
-    for value, w_hr, want in (("0", None, None), ("1", torch.zeros(1, 2), None), ("1", None, True)):
+    for value, w_hr, want in (("0", None, False), ("1", torch.zeros(1, 2), False), ("1", None, True)):
         monkeypatch.setenv("FASTSEQ_RNN_PERSISTENT", value)
         steps = fastseq.ops.rnn_layer._steps("triton", "lstm", b, b, None)
         assert steps._config(2, torch.zeros(1, 2), w_hr) == want, (value, w_hr)
     monkeypatch.setenv("FASTSEQ_RNN_PERSISTENT", "yes")
     with pytest.raises(ValueError, match="FASTSEQ_RNN_PERSISTENT"):
         fastseq.ops.rnn_layer._steps("triton", "lstm", b, b, None)
-    assert tk.persistent_config("lstm", 129, torch.float32, torch.device("cpu"), False, True) is None
-    assert tk.persistent_config("lstm", 128, torch.float16, torch.device("cpu"), False, True) is None
+    assert tk.persistent_config("lstm", 129, torch.float32, torch.device("cpu"), False, True) is False
+    assert tk.persistent_config("lstm", 128, torch.float16, torch.device("cpu"), False, True) is False
     assert tk.persistent_config("lstm", 128, torch.float32, torch.device("cpu"), False, True) is True
