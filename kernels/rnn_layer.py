@@ -109,8 +109,7 @@ class LayerSteps:
         if n and hidden and T:
             _seq_fwd_kernel[(triton.cdiv(n, SEQ_BLOCK_N),)](
                 gi, w_hh, b_ih, b_hh, peep, h0, y if c0 is None else c0, y, y if c is None else c,
-                y if gates is None else gates, sched, T, n, hidden, gi.stride(0), **meta, num_warps=SEQ_WARPS,
-                num_stages=1, maxnreg=SEQ_MAXNREG)
+                y if gates is None else gates, sched, T, n, hidden, gi.stride(0), **meta, **SEQ_OPTIONS)
         return True
 
     def backward_sequence(self, steps, dy, h_seq, c_seq, gates, dgi, dgh, dh, dc, h0, c0, w_hh, w_hr) -> bool:
@@ -126,7 +125,7 @@ class LayerSteps:
             _seq_bwd_kernel[(triton.cdiv(n, SEQ_BLOCK_N),)](
                 dy, w_hh, peep, h0, dh if c0 is None else c0, h_seq, dh if c_seq is None else c_seq,
                 dh if gates is None else gates, dgi, dgh, dh, dh if dc is None else dc, sched, T, n, hidden, **meta,
-                num_warps=SEQ_WARPS, num_stages=1, maxnreg=SEQ_MAXNREG)
+                **SEQ_OPTIONS)
         return True
 
 
@@ -454,8 +453,9 @@ def _seq_bwd_kernel(
 # values of the arguments (the JIT compiles what the AOT check compiled).
 SEQ_DTYPES = (torch.bfloat16, torch.float32)
 SEQ_BLOCK_HS = (64, 128)
-SEQ_WARPS = 16
-SEQ_MAXNREG = 128  # all that 16 warps can have; stated, ptxas would take 32-64 and spill (Triton 3.6, float32)
+# 16 warps, one stage, 128 registers a thread (all that 16 warps can have: left to itself, ptxas takes 32-64 and
+# spills in float32 with Triton 3.6)
+SEQ_OPTIONS = dict(num_warps=16, num_stages=1, maxnreg=128)
 
 
 def _block_h(hidden: int) -> int:
@@ -501,8 +501,7 @@ def _spills(kernel, constexprs: dict, dtype: torch.dtype, device: torch.device) 
     steps = torch.zeros(4, dtype=torch.int64, device=device)
     names = kernel.arg_names
     args = [steps if n == "steps_ptr" else t if n.endswith("_ptr") else 1 for n in names if n not in constexprs]
-    compiled = kernel.warmup(*args, grid=(1,), num_warps=SEQ_WARPS, num_stages=1, maxnreg=SEQ_MAXNREG,
-                              **constexprs)
+    compiled = kernel.warmup(*args, grid=(1,), **SEQ_OPTIONS, **constexprs)
     if compiled.metadata.shared > torch.cuda.get_device_properties(device).shared_memory_per_block_optin:
         return -1  # does not launch at all
     compiled._init_handles()
@@ -525,8 +524,9 @@ def _aot_specs() -> list[AOTSpec]:
                 for mode in ("lstm", "peephole_lstm", "gru", "rnn_tanh", "rnn_relu"):
                     for kernel in (_seq_fwd_kernel, _seq_bwd_kernel):
                         meta = _seq_constexprs(mode, hidden, mode == "peephole_lstm", kernel is _seq_bwd_kernel)
-                        specs.append(_aot_spec(kernel, dtype, meta, SEQ_WARPS, 1, i64_ptrs=("steps_ptr",),
-                                               optional=True, specialize=False, maxnreg=SEQ_MAXNREG))
+                        specs.append(_aot_spec(kernel, dtype, meta, SEQ_OPTIONS["num_warps"],
+                                               SEQ_OPTIONS["num_stages"], i64_ptrs=("steps_ptr",), optional=True,
+                                               specialize=False, maxnreg=SEQ_OPTIONS["maxnreg"]))
     return specs
 
 

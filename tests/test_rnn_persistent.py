@@ -135,3 +135,30 @@ def test_off_and_projection_keep_the_host_loop(monkeypatch):
     assert tk.persistent_config("lstm", 129, torch.float32, torch.device("cpu"), False, True) is False
     assert tk.persistent_config("lstm", 128, torch.float16, torch.device("cpu"), False, True) is False
     assert tk.persistent_config("lstm", 128, torch.float32, torch.device("cpu"), False, True) is True
+
+
+def test_every_launch_is_compiled_ahead_of_time():
+    """Each configuration the launchers can run (any H up to the largest block, every mode and dtype, both
+    directions) is one that make triton-check compiles for sm_80 / sm_90 (AOT_SPECS: same kernel, constexprs,
+    pointer dtype and launch options), so that its registers, spills and shared memory are the ones reported."""
+    from fastseq import backends
+
+    if backends.unavailable_reason("triton") is not None:
+        pytest.skip(backends.unavailable_reason("triton"))
+    from fastseq.kernels import rnn_layer as tk
+    from fastseq.kernels.rnn_cell import _aot_spec
+
+    def key(spec):
+        return (spec.fn, spec.signature["w_ptr"], tuple(sorted(spec.constexprs.items())), spec.num_warps,
+                spec.num_stages, spec.maxnreg, spec.specialize)
+
+    compiled = {key(spec) for spec in tk.AOT_SPECS}
+    for dtype in tk.SEQ_DTYPES:
+        for mode in KINDS:
+            for hidden in range(1, max(tk.SEQ_BLOCK_HS) + 1):
+                for kernel in (tk._seq_fwd_kernel, tk._seq_bwd_kernel):
+                    meta = tk._seq_constexprs(mode, hidden, mode == "peephole_lstm", kernel is tk._seq_bwd_kernel)
+                    launched = _aot_spec(kernel, dtype, meta, tk.SEQ_OPTIONS["num_warps"],
+                                         tk.SEQ_OPTIONS["num_stages"], i64_ptrs=("steps_ptr",),
+                                         maxnreg=tk.SEQ_OPTIONS["maxnreg"], specialize=False)
+                    assert key(launched) in compiled, (mode, dtype, hidden, kernel)
