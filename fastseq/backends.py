@@ -25,6 +25,15 @@ _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastseq
 _warned: set[tuple[str, str, str]] = set()
 # select's choices without limits and without a fallback (a cell step at batch 1 is mostly per-call overhead)
 _chosen: dict[tuple, str] = {}
+# os.environ's own table, where it has one (POSIX: encoded keys and values): os.environ.get encodes the key and
+# decodes the value, ~0.7 us a read, which select's cache key would pay twice a call
+_ENVIRON = getattr(os.environ, "_data", None)
+
+
+def _raw_env(name: str, encoded: bytes) -> object:
+    """The value of environment variable `name` as os.environ holds it (encoded on POSIX): for comparing, not
+    reading."""
+    return os.environ.get(name) if _ENVIRON is None else _ENVIRON.get(encoded)
 
 
 @functools.cache
@@ -137,8 +146,8 @@ def select(op: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[st
     `dtypes` maps each backend that implements the op to the dtypes it supports ("reference" supports every
     floating dtype); limits(name), where given, says why backend `name` (available, device and dtype fine) cannot
     run this call's shapes (the kernel's own statement of its limits), or None."""
-    key = (op, device, dtype, id(dtypes), _requested.get(), os.environ.get("FASTSEQ_BACKEND"),
-           os.environ.get("TRITON_INTERPRET"))
+    key = (op, device, dtype, id(dtypes), _requested.get(), _raw_env("FASTSEQ_BACKEND", b"FASTSEQ_BACKEND"),
+           _raw_env("TRITON_INTERPRET", b"TRITON_INTERPRET"))
     if limits is None and key in _chosen:
         return _chosen[key]
     first = requested()

@@ -198,6 +198,26 @@ def test_backend_selection():
     assert "reference" in fastseq.available_backends()
 
 
+def test_backend_environment_read_at_each_call(monkeypatch):
+    """FASTSEQ_BACKEND is read at every call, though backends.select caches its choices: set, changed or removed
+    between two calls, the next call follows it (a bad value is an error)."""
+    x = torch.randn(3, 8)
+    seen = []
+    original = backends.select
+    monkeypatch.setattr(backends, "select", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
+    F.layer_norm(x, (8,))
+    monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
+    F.layer_norm(x, (8,))
+    monkeypatch.setenv("FASTSEQ_BACKEND", "cpu")
+    F.layer_norm(x, (8,))
+    monkeypatch.delenv("FASTSEQ_BACKEND")
+    F.layer_norm(x, (8,))
+    assert seen == ["cpu", "reference", "cpu", "cpu"]
+    monkeypatch.setenv("FASTSEQ_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTSEQ_BACKEND must be one of"):
+        F.layer_norm(x, (8,))
+
+
 def test_fast_argument_check_agrees():
     """fastseq._C's layer_norm_args_ok (the happy path of functional.layer_norm's checks) accepts what the Python
     checks accept and refuses each kind of argument they reject, so that every rejection still raises their error."""
