@@ -450,12 +450,12 @@ _CHUNK_BYTES = 32 * 2**20
 def _direction(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: tuple, reverse: bool,
                batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer direction: y, h_n, c_n of fastseq::rnn_layer over x (T, N, C) or packed data with batch_sizes.
-    When nothing needs grad: on oneDNN's LSTM primitive where ops.rnn_layer.onednn_rejects finds no reason against
-    it, else in chunks of steps (ops.rnn_layer.apply per chunk, the state carried over)."""
-    if needs_grad(x, h0, c0, *weights) or torch.compiler.is_compiling():
-        return ops.rnn_layer.apply(mode, x, h0, c0, *weights, reverse, batch_sizes)
+    On oneDNN's LSTM primitive where ops.rnn_layer.onednn_rejects finds no reason against it; else, when nothing
+    needs grad, in chunks of steps (ops.rnn_layer.apply per chunk, the state carried over)."""
     if ops.rnn_layer.onednn_rejects(mode, x, h0, c0, *weights, batch_sizes) is None:
         return ops.rnn_layer.onednn_forward(x, h0, c0, *weights[:4], reverse)
+    if needs_grad(x, h0, c0, *weights) or torch.compiler.is_compiling():
+        return ops.rnn_layer.apply(mode, x, h0, c0, *weights, reverse, batch_sizes)
     steps = len(batch_sizes) if batch_sizes is not None else x.shape[0]
     m = modes.mode(mode)
     hidden = weights[1].shape[0] // m.gates

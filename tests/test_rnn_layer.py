@@ -328,11 +328,51 @@ def test_no_grad_lstm_on_onednn(monkeypatch, dtype, bias, onednn):
         assert_close(g, w, *tol, f"output {i}")
 
 
+@pytest.mark.parametrize("onednn", ["0", "1", ""])
+@pytest.mark.parametrize("dtype", ONEDNN_DTYPES, ids=str)
+def test_lstm_training_on_onednn(monkeypatch, dtype, onednn):
+    """An LSTM forward for a backward on the cpu backend runs oneDNN's LSTM primitive in training mode where it is
+    faster (FASTSEQ_ONEDNN unset: here float32 at 16 rows and H=32; bfloat16 at H <= 256), everywhere it can run (1)
+    or nowhere (0): outputs, final states and the gradients of the input, the states and every parameter equal
+    torch.nn.LSTM's (bfloat16: within 2x torch's own error against float64; 2 bidirectional layers, hx given), and a
+    second derivative (double backward) runs."""
+    monkeypatch.setenv("FASTSEQ_ONEDNN", onednn)
+    theirs, ours = _modules("lstm", 24, 32, dtype, num_layers=2, bidirectional=True)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(9, 16, 24, generator=gen).to(dtype)
+    hx = _states("lstm", 2, 2, 16, 32, 0, dtype, gen)
+    calls = []
+    forward = op.onednn_forward
+    monkeypatch.setattr(op, "onednn_forward", lambda *args: calls.append(args) or forward(*args))
+    reference = copy.deepcopy(theirs).double()  # bfloat16 is checked against float64 (torch's error in bfloat16)
+    leaves_o, leaves_t, leaves_r = ([t.clone().to(d).requires_grad_() for t in (x, *hx)]
+                                    for d in (dtype, dtype, torch.float64))
+    with fastseq.backend("cpu"):
+        got = _flat(ours(leaves_o[0], tuple(leaves_o[1:])))
+    want = _flat(theirs(leaves_t[0], tuple(leaves_t[1:])))
+    exact = _flat(reference(leaves_r[0], tuple(leaves_r[1:])))
+    assert len(calls) == (0 if onednn == "0" else 4)
+    douts = [torch.randn(w.shape, generator=gen).to(dtype) for w in want]
+    grads_o = torch.autograd.grad(got, leaves_o + list(ours.parameters()), douts, create_graph=True)
+    grads_t = torch.autograd.grad(want, leaves_t + list(theirs.parameters()), douts)
+    grads_r = torch.autograd.grad(exact, leaves_r + list(reference.parameters()), [d.double() for d in douts])
+    for i, (g, w, r) in enumerate(zip(got + list(grads_o), want + list(grads_t), exact + list(grads_r),
+                                      strict=True)):
+        assert g.dtype == w.dtype
+        if dtype == torch.bfloat16:
+            assert_within_torch_error(g, w, r, f"output or gradient {i}")
+        else:
+            assert_close(g, w, *TOL[torch.float32], f"output or gradient {i}")
+    second = torch.autograd.grad(grads_o[0].float().square().sum(), ours.weight_hh_l0)[0]
+    assert second.shape == ours.weight_hh_l0.shape and bool(torch.isfinite(second).all())
+
+
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 def test_onednn_selection_rule(monkeypatch):
-    """Which LSTM forwards run on oneDNN: without grad, plain LSTM (no projection, peephole or packed input),
-    float32 (bfloat16 where the CPU has it), on the cpu backend, with oneDNN enabled, where the measured rule says it
-    wins (float32: from 4 rows below H=1024, from 16 rows at any H) or FASTSEQ_ONEDNN=1; each refusal says why."""
+    """Which LSTM layer directions run on oneDNN: plain LSTM (no projection, peephole or packed input), float32
+    (bfloat16 where the CPU has it), on the cpu backend, with oneDNN enabled, where the measured rule says it wins
+    (inference, float32: from 4 rows below H=1024, from 16 rows at any H; training, float32: from 8 rows below
+    H=1024, bfloat16 up to H=256) or FASTSEQ_ONEDNN=1; each refusal says why."""
     monkeypatch.delenv("FASTSEQ_ONEDNN", raising=False)
 
     def rejects(n=16, hidden=32, dtype=torch.float32, mode="lstm", grad=False, proj=False, peephole=False,
@@ -351,7 +391,12 @@ def test_onednn_selection_rule(monkeypatch):
     assert "faster at 2 rows" in rejects(n=2) and "faster at 8 rows" in rejects(n=8, hidden=1024)
     for kw in ({"proj": True}, {"peephole": True, "mode": "peephole_lstm"}, {"packed": True}, {"mode": "gru"}):
         assert "plain LSTM only" in rejects(**kw)
-    assert "saved state" in rejects(grad=True)
+    assert rejects(n=8, grad=True) is None and rejects(n=64, hidden=512, grad=True) is None
+    assert "faster at 4 rows, hidden size 32 (training)" in rejects(n=4, grad=True)
+    assert "(training)" in rejects(n=16, hidden=1024, grad=True) and "(inference)" in rejects(n=2)
+    if torch.bfloat16 in ONEDNN_DTYPES:
+        assert rejects(n=1, hidden=256, dtype=torch.bfloat16, grad=True) is None
+        assert "(training)" in rejects(n=16, hidden=512, dtype=torch.bfloat16, grad=True)
     assert "got torch.float64" in rejects(dtype=torch.float64)
     with torch.backends.mkldnn.flags(enabled=False):
         assert "mkldnn.enabled is False" in rejects()

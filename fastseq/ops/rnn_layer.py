@@ -169,27 +169,35 @@ _RNNLayerFunction = eager_function("RNNLayerFunction", _forward, _setup_context,
                                    non_differentiable=(3, 4, 5, 6))
 
 
-# ---- inference on oneDNN's LSTM primitive ----
-# An LSTM forward without grad on the CPU (functional._direction) runs oneDNN's LSTM layer primitive (through ATen's mkldnn_rnn_layer, the
-# primitive torch.nn.LSTM runs there) where it is faster than fastseq's loop: its results are torch's bit for bit.
-# FASTSEQ_ONEDNN=0 turns it off, =1 uses it wherever it can run; unset, where it wins (_onednn_wins).
+# ---- oneDNN's LSTM primitive ----
+# An LSTM layer direction on the CPU (functional._direction) runs oneDNN's LSTM layer primitive (through ATen's
+# mkldnn_rnn_layer, the primitive torch.nn.LSTM runs there, forward and backward) where it is faster than fastseq's
+# loop: its results and gradients are torch's bit for bit. FASTSEQ_ONEDNN=0 turns it off, =1 uses it wherever it can
+# run; unset, where it wins (_onednn_wins).
 _ONEDNN = {"0": False, "1": True, "": None}
 
 
-def _onednn_wins(n: int, hidden: int, dtype: torch.dtype) -> bool:
-    """Where oneDNN's LSTM forward beats fastseq's loop, measured with FASTSEQ_ONEDNN=0 against =1 (T=100, C=H,
-    2-core Zen 4 with AVX512_BF16): bfloat16 everywhere (oneDNN's native bf16 dot products: 1.1-5x); float32 from
-    4 rows below H=1024 (1.1-1.9x; 4-8 rows at H=1024: 0.8-1.0x) and from 16 rows at any H. At fewer rows
-    fastseq's loop is ahead (up to 2x at 2 rows, H=1024): a step's recurrent GEMM is then a matrix-vector product,
-    which its packed GEMM runs with one barrier a step."""
+def _onednn_wins(n: int, hidden: int, dtype: torch.dtype, train: bool) -> bool:
+    """Where oneDNN's LSTM beats fastseq's loop, measured with FASTSEQ_ONEDNN=0 against =1 alternated in one process
+    (fastseq.nn.LSTM, T=100, C=H, 2-core Zen 4 with AVX512_BF16, the better of two runs of each).
+    Inference (no grad): bfloat16 everywhere (oneDNN's native bf16 dot products: 1.1-5x); float32 from 4 rows below
+    H=1024 (1.1-1.9x; 4-8 rows at H=1024: 0.8-1.0x) and from 16 rows at any H. At fewer rows fastseq's loop is ahead
+    (up to 2x at 2 rows, H=1024): a step's recurrent GEMM is then a matrix-vector product, which its packed GEMM runs
+    with one barrier a step.
+    Training (forward and backward): float32 from 8 rows below H=1024 (1.1-1.26x at 8-16 rows, 0.96-1.26x at 32-64,
+    where both run near the machine's sgemm peak); fastseq's loop at fewer rows (1.0-2.2x at 1-2 rows; 4 rows
+    0.8-1.04x) and at H=1024 (0.94-1.04x: even). bfloat16 at H <= 256 (1.1-2.5x); from H=512 fastseq's loop (up to 3.7x at
+    H=1024, where oneDNN's bf16 backward is slow here)."""
+    if train:
+        return hidden <= 256 if dtype == torch.bfloat16 else n >= 8 and hidden < 1024
     return dtype == torch.bfloat16 or n >= 16 or (n >= 4 and hidden < 1024)
 
 
 def onednn_rejects(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
                    b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None, peephole: Tensor | None,
                    batch_sizes: Tensor | None) -> str | None:
-    """Why a forward of this layer direction (apply's arguments) does not run on oneDNN's LSTM primitive, or None
-    when it does."""
+    """Why this layer direction (apply's arguments) does not run on oneDNN's LSTM primitive, or None when it does:
+    for training where a tensor needs grad, else for inference."""
     value = os.environ.get("FASTSEQ_ONEDNN", "")
     if value not in _ONEDNN:
         raise ValueError(f"FASTSEQ_ONEDNN must be 0 or 1 (or unset), got {value!r}")
@@ -197,28 +205,33 @@ def onednn_rejects(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Te
         return "FASTSEQ_ONEDNN=0"
     if mode != "lstm" or w_hr is not None or peephole is not None or batch_sizes is not None:
         return "oneDNN runs the plain LSTM only (no projection, peephole or packed input)"
-    if needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh) or torch.compiler.is_compiling():
-        return "a forward for a backward (or under torch.compile) keeps fastseq's saved state"
+    if torch.compiler.is_compiling():
+        return "under torch.compile the layer is fastseq's op"
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return "oneDNN is not available or torch.backends.mkldnn.enabled is False"
     if x.dtype != torch.float32 and not (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return f"oneDNN's LSTM here takes float32 (and bfloat16 where the CPU has it), got {x.dtype}"
     if x.numel() == 0 or _select(x) != "cpu":
         return "not a non-empty input on the cpu backend"
-    if _ONEDNN[value] is None and not _onednn_wins(h0.shape[0], w_hh.shape[1], x.dtype):
-        return f"fastseq's loop is faster at {h0.shape[0]} rows, hidden size {w_hh.shape[1]}"
+    train = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    if _ONEDNN[value] is None and not _onednn_wins(h0.shape[0], w_hh.shape[1], x.dtype, train):
+        return (f"fastseq's loop is faster at {h0.shape[0]} rows, hidden size {w_hh.shape[1]} "
+                f"({'training' if train else 'inference'})")
     return None
 
 
 def onednn_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                     b_hh: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """y (T, N, H), h_n, c_n (N, H) of an LSTM layer direction by oneDNN (inference: no workspace)."""
+    """y (T, N, H), h_n, c_n (N, H) of an LSTM layer direction by oneDNN; where a tensor needs grad, in training
+    mode: ATen's autograd formula of mkldnn_rnn_layer (oneDNN's backward, differentiable itself for a double
+    backward) gives the gradients, as for torch.nn.LSTM."""
     hidden = w_hh.shape[1]
+    train = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     has_biases = b_ih is not None or b_hh is not None
     b_ih, b_hh = (x.new_zeros(w_hh.shape[0]) if b is None else b for b in (b_ih, b_hh))  # read if has_biases
     y, h_n, c_n, _ = torch.ops.aten.mkldnn_rnn_layer(
         x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih.contiguous(), b_hh.contiguous(), h0.contiguous(),
-        c0.contiguous(), reverse, [], 2, hidden, 1, has_biases, False, False, False)  # 2: LSTM (cuDNN's numbering)
+        c0.contiguous(), reverse, [], 2, hidden, 1, has_biases, False, False, train)  # 2: LSTM (cuDNN's numbering)
     return y, h_n, c_n
 
 
