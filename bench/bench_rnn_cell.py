@@ -46,7 +46,7 @@ def test_rnn_cell(benchmark, cell, n, h, mode, backend):
 
     flops = 2 * n * (c + h) * gates * h * (3 if grad else 1)
     # the backend chosen around the measurement, not in each call: entering the context costs ~2 us, which at
-    # N = 1 would count against fastseq a cost that its callers do not pay (the default backend needs no context)
+    # N = 1 would count against fastseq what its callers do not pay (the default backend needs no context)
     with fastseq.backend(backend):
         run(benchmark, step(ours_fn), step(torch_fn), shape=f"N={n} C={c} H={h}", dtype=str(DTYPE),
             backend=backend, flops=flops, peak_MiB=peak_mib(step(ours_fn)), torch_peak_MiB=peak_mib(step(torch_fn)))

@@ -131,6 +131,70 @@ bool layer_norm_args_ok(const at::Tensor& x, const std::vector<int64_t>& shape, 
   return ok(w) && ok(b);
 }
 
+// Layer norm over the trailing dims of x whose product is n: y (x's shape), mean, rstd (one per row). The flattening,
+// the casts of weight and bias to x's dtype and the kernel in one call (at one row the op is per-call overhead).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, int64_t n, const OptTensor& w,
+                                                                   const OptTensor& b, double eps) {
+  const at::Tensor x2 = x.reshape({-1, n}).contiguous();
+  auto flat = [&](const OptTensor& p) {
+    return p.has_value() && p->defined() ? OptTensor(p->reshape({n}).to(x.scalar_type()).contiguous()) : OptTensor();
+  };
+  auto [y, mean, rstd] = FASTSEQ_DISPATCH(x2, layer_norm_fwd, x2, flat(w), flat(b), eps);
+  y.resize_(x.sizes());  // in place: a view of y would refuse in-place use of the output
+  return std::make_tuple(y, mean, rstd);
+}
+
+// Layer norm with its autograd formula in C++: the eager path of the cpu and cuda backends (fastseq/ops/layer_norm.py
+// `apply`), whose Python autograd.Function would cost ~10 us a call against ~3 us for the whole op at one row.
+// Saved: x, weight, bias, mean, rstd (not y: the output may be changed in place, as torch's). The backward runs
+// layer_norm_bwd on the forward's device, the gradients of weight and bias in their own dtype; a backward that is
+// itself differentiated (create_graph) takes the gradients of ATen's layer_norm instead (torch's double backward).
+struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, std::vector<int64_t> shape,
+                            const OptTensor& w, const OptTensor& b, double eps) {
+    auto [y, mean, rstd] = layer_norm_forward(x, c10::multiply_integers(shape), w, b, eps);
+    ctx->save_for_backward({x, w.value_or(at::Tensor()), b.value_or(at::Tensor()), mean, rstd});
+    ctx->saved_data["shape"] = shape;
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
+    const std::vector<int64_t> shape = ctx->saved_data["shape"].toIntVector();
+    // needs_input_grad counts the tensor arguments given: x, then weight and bias where present
+    const bool need_dx = ctx->needs_input_grad(0), need_dw = w.defined() && ctx->needs_input_grad(1),
+               need_db = b.defined() && ctx->needs_input_grad(w.defined() ? 2 : 1);
+    at::Tensor dx, dw, db;
+    if (torch::autograd::GradMode::is_enabled()) {  // create_graph: gradients that are a graph themselves
+      std::vector<at::Tensor> wrt;
+      for (const auto& [t, need] : {std::pair{x, need_dx}, std::pair{w, need_dw}, std::pair{b, need_db}}) {
+        if (need && t.requires_grad()) wrt.push_back(t);
+      }
+      if (!wrt.empty()) {
+        const at::Tensor y = at::layer_norm(x, shape, w, b, ctx->saved_data["eps"].toDouble());
+        const auto got = torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/true, /*create_graph=*/true,
+                                               /*allow_unused=*/true);
+        size_t i = 0;
+        if (need_dx && x.requires_grad()) dx = got[i++];
+        if (need_dw && w.requires_grad()) dw = got[i++];
+        if (need_db && b.requires_grad()) db = got[i++];
+      }
+      return {dx, at::Tensor(), dw, db, at::Tensor()};
+    }
+    const int64_t n = c10::multiply_integers(shape);
+    const at::Tensor x2 = x.reshape({-1, n}).contiguous(), dy2 = grads[0].reshape({-1, n}).contiguous();
+    const OptTensor w2 = w.defined() ? OptTensor(w.reshape({n}).to(x.scalar_type()).contiguous()) : OptTensor();
+    std::tie(dx, dw, db) = FASTSEQ_DISPATCH(x2, layer_norm_bwd, dy2, x2, w2, mean, rstd, need_dw, need_db);
+    const auto pdtype = w.defined() ? w.scalar_type() : x.scalar_type();  // the parameters' (bias's as weight's)
+    return {need_dx ? dx.reshape(x.sizes()) : at::Tensor(), at::Tensor(),
+            need_dw ? dw.reshape(shape).to(pdtype) : at::Tensor(),
+            need_db ? db.reshape(shape).to(pdtype) : at::Tensor(), at::Tensor()};
+  }
+};
+
 // The step kernels of a call: Python's `steps` where given, else those of x's device.
 fastseq::StepsFactory steps_factory(const at::Tensor& x, const py::object& steps) {
   if (!steps.is_none()) {
@@ -173,15 +237,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The op's whole forward in one call from Python (a layer norm of a few rows is mostly per-call overhead): x of
   // any shape whose trailing dims hold n elements, weight / bias of n elements (cast to x's dtype: float32
   // parameters of bfloat16 / float16 x); y has x's shape.
-  m.def("layer_norm_forward", [](const at::Tensor& x, int64_t n, const OptTensor& w, const OptTensor& b, double eps) {
-    const at::Tensor x2 = x.reshape({-1, n}).contiguous();
-    auto flat = [&](const OptTensor& p) {
-      return p.has_value() && p->defined() ? OptTensor(p->reshape({n}).to(x.scalar_type()).contiguous()) : OptTensor();
-    };
-    auto [y, mean, rstd] = FASTSEQ_DISPATCH(x2, layer_norm_fwd, x2, flat(w), flat(b), eps);
-    y.resize_(x.sizes());  // in place: a view of y would refuse in-place use of the output
-    return std::make_tuple(y, mean, rstd);
-  }, "y, mean, rstd = layer_norm_forward(x, n, weight?, bias?, eps)");
+  m.def("layer_norm_forward", &layer_norm_forward, "y, mean, rstd = layer_norm_forward(x, n, weight?, bias?, eps)");
+  m.def("layer_norm", [](const at::Tensor& x, const std::vector<int64_t>& shape, const OptTensor& w,
+                         const OptTensor& b, double eps) {
+    auto needs = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+    if (!torch::autograd::GradMode::is_enabled() || !(x.requires_grad() || needs(w) || needs(b))) {
+      return std::get<0>(layer_norm_forward(x, c10::multiply_integers(shape), w, b, eps));  // no graph to record
+    }
+    return LayerNormFunction::apply(x, shape, w, b, eps);
+  },
+        "y = layer_norm(x, normalized_shape, weight?, bias?, eps), differentiable (its autograd formula in C++)");
   m.def("layer_norm_args_ok", &layer_norm_args_ok,
         "Whether layer_norm's arguments pass fastseq.functional's checks (their fast path, as cell_args_ok)",
         py::arg("input"), py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"));

@@ -123,5 +123,9 @@ _LayerNormFunction = eager_function("LayerNormFunction", _forward, _setup_contex
 
 
 def apply(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """The normalised output (the op's first result), through the fastest path for the current mode."""
+    """The normalised output (the op's first result), through the fastest path for the current mode: in eager mode
+    on the cpu and cuda backends fastseq._C's layer_norm (kernels and autograd formula in C++: the same kernels as
+    the custom op's, without a Python autograd.Function's ~10 us a call)."""
+    if not torch.compiler.is_compiling() and _select(x) in ("cpu", "cuda"):
+        return backends.extension().layer_norm(x, normalized_shape, weight, bias, eps)
     return call(layer_norm, _LayerNormFunction, x, normalized_shape, weight, bias, eps)[0]
