@@ -186,8 +186,8 @@ def _onednn_wins(n: int, hidden: int, dtype: torch.dtype, train: bool) -> bool:
     with one barrier a step.
     Training (forward and backward): float32 from 8 rows below H=1024 (1.1-1.26x at 8-16 rows, 0.96-1.26x at 32-64,
     where both run near the machine's sgemm peak); fastseq's loop at fewer rows (1.0-2.2x at 1-2 rows; 4 rows
-    0.8-1.04x) and at H=1024 (0.94-1.04x: even). bfloat16 at H <= 256 (1.1-2.5x); from H=512 fastseq's loop (up to 3.7x at
-    H=1024, where oneDNN's bf16 backward is slow here)."""
+    0.8-1.04x) and at H=1024 (0.94-1.04x: even). bfloat16 at H <= 256 (1.1-2.5x); from H=512 fastseq's loop (up
+    to 3.7x at H=1024, where oneDNN's bf16 backward is slow here)."""
     if train:
         return hidden <= 256 if dtype == torch.bfloat16 else n >= 8 and hidden < 1024
     return dtype == torch.bfloat16 or n >= 16 or (n >= 4 and hidden < 1024)
