@@ -3,7 +3,8 @@ torch.nn.LSTM / GRU / RNN (oneDNN on the CPU, cuDNN on the GPU) over a whole seq
 autograd graph) and forward+backward (gradients of the input and every parameter).
 Shapes: T=100, N=64, C=H=512 (PyTorch's fastrnns default) with 1 layer and with 2 bidirectional layers; small
 batches N in {1, 8, 16} with H in {128, 256, 512, 1024} (GPU: {128, 512}), C = H, T = 100, 1 layer; float32 on the
-CPU, bf16 and float32 on the GPU (cuDNN's float32 may use TF32 as torch allows). FLOPs count the GEMMs:
+CPU, bf16 and float32 on the GPU (cuDNN's float32 may use TF32 as torch allows); on a CPU with native bf16 dot
+products (AVX512_BF16, as oneDNN reports it) also bf16 LSTM and GRU rows at N in {1, 16}, H = 256. FLOPs count the GEMMs:
 2*T*N*(C_l+H)*G*H per direction and layer (C_l = the layer's input size: C, then D*H), x3 with backward."""
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ SHAPES = [(8, 256, 1, False)] if QUICK else (
     [(64, 512, 1, False), (64, 512, 2, True)] + [(n, h, 1, False) for n in (1, 8, 16) for h in SMALL_HS])
 DTYPES = [torch.bfloat16, torch.float32] if DEVICE == "cuda" else [torch.float32]
 BACKENDS = ["cuda", "triton"] if DEVICE == "cuda" else ["cpu"]
+CPU_BF16 = DEVICE == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+BF16_SHAPES = [(1, 256, 1, False), (16, 256, 1, False)]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # rnn: tanh
 
 
@@ -37,6 +40,18 @@ def _flops(n: int, c: int, h: int, layers: int, bidirectional: bool, gates: int,
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-H{h}-L{L}{'-bi' if bi else ''}" for n, h, L, bi in SHAPES])
 @pytest.mark.parametrize("kind", list(GATES))
 def test_rnn_layer(benchmark, kind, shape, dtype, mode, backend):
+    _measure(benchmark, kind, shape, dtype, mode, backend)
+
+
+@pytest.mark.skipif(not CPU_BF16, reason="bf16 CPU rows: a CPU with native bf16 dot products")
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=[f"N{n}-H{h}" for n, h, _, _ in BF16_SHAPES])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_rnn_layer_bf16_cpu(benchmark, kind, shape, mode):
+    _measure(benchmark, kind, shape, torch.bfloat16, mode, "cpu")
+
+
+def _measure(benchmark, kind, shape, dtype, mode, backend):
     n, h, layers, bidirectional = shape
     c = h
     benchmark.group = f"{kind} layer {mode}"

@@ -179,7 +179,8 @@ _ONEDNN = {"0": False, "1": True, "": None}
 
 def _onednn_wins(n: int, hidden: int, dtype: torch.dtype, train: bool) -> bool:
     """Where oneDNN's LSTM beats fastseq's loop, measured with FASTSEQ_ONEDNN=0 against =1 alternated in one process
-    (fastseq.nn.LSTM, T=100, C=H, 2-core Zen 4 with AVX512_BF16, the better of two runs of each).
+    (tools/onednn_rule.py [--train] [--dtype bfloat16]: fastseq.nn.LSTM, T=100, C=H, 2-core Zen 4 with
+    AVX512_BF16, the better of two runs of each).
     Inference (no grad): bfloat16 everywhere (oneDNN's native bf16 dot products: 1.1-5x); float32 from 4 rows below
     H=1024 (1.1-1.9x; 4-8 rows at H=1024: 0.8-1.0x) and from 16 rows at any H. At fewer rows fastseq's loop is ahead
     (up to 2x at 2 rows, H=1024): a step's recurrent GEMM is then a matrix-vector product, which its packed GEMM runs
