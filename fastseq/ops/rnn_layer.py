@@ -172,8 +172,8 @@ _RNNLayerFunction = eager_function("RNNLayerFunction", _forward, _setup_context,
 # ---- oneDNN's LSTM primitive ----
 # An LSTM layer direction on the CPU (functional._direction) runs oneDNN's LSTM layer primitive (through ATen's
 # mkldnn_rnn_layer, the primitive torch.nn.LSTM runs there, forward and backward) where it is faster than fastseq's
-# loop: its results and gradients are torch's bit for bit. FASTSEQ_ONEDNN=0 turns it off, =1 uses it wherever it can
-# run; unset, where it wins (_onednn_wins).
+# loop: results and gradients as torch's (float32 outputs bit for bit). FASTSEQ_ONEDNN=0 turns it off, =1 uses it
+# wherever it can run; unset, where it wins (_onednn_wins).
 _ONEDNN = {"0": False, "1": True, "": None}
 
 
