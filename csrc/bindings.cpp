@@ -131,15 +131,18 @@ bool layer_norm_args_ok(const at::Tensor& x, const std::vector<int64_t>& shape, 
   return ok(w) && ok(b);
 }
 
+// A layer norm parameter as the kernels take it: (n,) contiguous in x's dtype (float32 parameters of bfloat16 /
+// float16 x are cast); none stays none.
+OptTensor flat_param(const OptTensor& p, int64_t n, const at::Tensor& x) {
+  return p.has_value() && p->defined() ? OptTensor(p->reshape({n}).to(x.scalar_type()).contiguous()) : OptTensor();
+}
+
 // Layer norm over the trailing dims of x whose product is n: y (x's shape), mean, rstd (one per row). The flattening,
 // the casts of weight and bias to x's dtype and the kernel in one call (at one row the op is per-call overhead).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, int64_t n, const OptTensor& w,
                                                                    const OptTensor& b, double eps) {
   const at::Tensor x2 = x.reshape({-1, n}).contiguous();
-  auto flat = [&](const OptTensor& p) {
-    return p.has_value() && p->defined() ? OptTensor(p->reshape({n}).to(x.scalar_type()).contiguous()) : OptTensor();
-  };
-  auto [y, mean, rstd] = FASTSEQ_DISPATCH(x2, layer_norm_fwd, x2, flat(w), flat(b), eps);
+  auto [y, mean, rstd] = FASTSEQ_DISPATCH(x2, layer_norm_fwd, x2, flat_param(w, n, x), flat_param(b, n, x), eps);
   y.resize_(x.sizes());  // in place: a view of y would refuse in-place use of the output
   return std::make_tuple(y, mean, rstd);
 }
@@ -186,8 +189,8 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     }
     const int64_t n = c10::multiply_integers(shape);
     const at::Tensor x2 = x.reshape({-1, n}).contiguous(), dy2 = grads[0].reshape({-1, n}).contiguous();
-    const OptTensor w2 = w.defined() ? OptTensor(w.reshape({n}).to(x.scalar_type()).contiguous()) : OptTensor();
-    std::tie(dx, dw, db) = FASTSEQ_DISPATCH(x2, layer_norm_bwd, dy2, x2, w2, mean, rstd, need_dw, need_db);
+    std::tie(dx, dw, db) = FASTSEQ_DISPATCH(x2, layer_norm_bwd, dy2, x2, flat_param(w, n, x), mean, rstd, need_dw,
+                                            need_db);
     const auto pdtype = w.defined() ? w.scalar_type() : x.scalar_type();  // the parameters' (bias's as weight's)
     return {need_dx ? dx.reshape(x.sizes()) : at::Tensor(), at::Tensor(),
             need_dw ? dw.reshape(shape).to(pdtype) : at::Tensor(),

@@ -303,6 +303,21 @@ def test_no_grad_forward_in_chunks(monkeypatch, kind, packed, chunk_steps):
 ONEDNN_DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
 
 
+def _onednn_case(monkeypatch, onednn: str, dtype: torch.dtype, seed: int, **kw):
+    """FASTSEQ_ONEDNN=onednn; (theirs, ours, x, hx, gen, calls): torch's and fastseq's 2-layer bidirectional
+    LSTM(24, 32) with the same weights, input (9, 16, 24) and hx in `dtype`, the generator that made them, and the
+    list of oneDNN's layer direction calls that fill in as ops.rnn_layer.onednn_forward runs."""
+    monkeypatch.setenv("FASTSEQ_ONEDNN", onednn)
+    theirs, ours = _modules("lstm", 24, 32, dtype, num_layers=2, bidirectional=True, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, 16, 24, generator=gen).to(dtype)
+    hx = _states("lstm", 2, 2, 16, 32, 0, dtype, gen)
+    calls = []
+    forward = op.onednn_forward
+    monkeypatch.setattr(op, "onednn_forward", lambda *args: calls.append(args) or forward(*args))
+    return theirs, ours, x, hx, gen, calls
+
+
 @pytest.mark.parametrize("onednn", ["0", "1", ""])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", ONEDNN_DTYPES, ids=str)
@@ -311,14 +326,7 @@ def test_no_grad_lstm_on_onednn(monkeypatch, dtype, bias, onednn):
     faster (FASTSEQ_ONEDNN unset), everywhere it can run (1) or nowhere (0): outputs and final states equal torch's
     (2 bidirectional layers, 16 rows, hx given, with and without biases), and the layer directions ran where the rule
     says."""
-    monkeypatch.setenv("FASTSEQ_ONEDNN", onednn)
-    theirs, ours = _modules("lstm", 24, 32, dtype, num_layers=2, bidirectional=True, bias=bias)
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(9, 16, 24, generator=gen).to(dtype)
-    hx = _states("lstm", 2, 2, 16, 32, 0, dtype, gen)
-    calls = []
-    forward = op.onednn_forward
-    monkeypatch.setattr(op, "onednn_forward", lambda *args: calls.append(args) or forward(*args))
+    theirs, ours, x, hx, _, calls = _onednn_case(monkeypatch, onednn, dtype, 9, bias=bias)
     with torch.no_grad(), fastseq.backend("cpu"):
         got, want = ours(x, hx), theirs(x, hx)
     assert len(calls) == (0 if onednn == "0" else 4)
@@ -336,14 +344,7 @@ def test_lstm_training_on_onednn(monkeypatch, dtype, onednn):
     or nowhere (0): outputs, final states and the gradients of the input, the states and every parameter equal
     torch.nn.LSTM's (bfloat16: within 2x torch's own error against float64; 2 bidirectional layers, hx given), and a
     second derivative (double backward) runs."""
-    monkeypatch.setenv("FASTSEQ_ONEDNN", onednn)
-    theirs, ours = _modules("lstm", 24, 32, dtype, num_layers=2, bidirectional=True)
-    gen = torch.Generator().manual_seed(10)
-    x = torch.randn(9, 16, 24, generator=gen).to(dtype)
-    hx = _states("lstm", 2, 2, 16, 32, 0, dtype, gen)
-    calls = []
-    forward = op.onednn_forward
-    monkeypatch.setattr(op, "onednn_forward", lambda *args: calls.append(args) or forward(*args))
+    theirs, ours, x, hx, gen, calls = _onednn_case(monkeypatch, onednn, dtype, 10)
     reference = copy.deepcopy(theirs).double()  # bfloat16 is checked against float64 (torch's error in bfloat16)
     leaves_o, leaves_t, leaves_r = ([t.clone().to(d).requires_grad_() for t in (x, *hx)]
                                     for d in (dtype, dtype, torch.float64))
