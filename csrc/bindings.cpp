@@ -198,6 +198,128 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
   }
 };
 
+// A cell step's forward in one call (a step at batch 1 is mostly per-call overhead): the gate GEMMs x W_ih^T and
+// h W_hh^T (gates_mm), then the fused pointwise kernel. x (N, C); h, c (N, H); w_ih (G*H, C); w_hh (G*H, H); b_ih,
+// b_hh (G*H,) or none; peephole (3, H) or none. LSTM: hy, cy, workspace (N, 4H); GRU: hy, workspace (N, 4H).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                         const OptTensor& b_ih, const OptTensor& b_hh,
+                                                         const OptTensor& peephole) {
+  const at::Tensor ig = FASTSEQ_DISPATCH(x, gates_mm, x, w_ih), hg = FASTSEQ_DISPATCH(h, gates_mm, h, w_hh);
+  return FASTSEQ_DISPATCH(ig, lstm_cell_fwd, ig, hg, c.contiguous(), contiguous(b_ih), contiguous(b_hh),
+                          contiguous(peephole));
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_step(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                                            const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+  const at::Tensor ig = FASTSEQ_DISPATCH(x, gates_mm, x, w_ih), hg = FASTSEQ_DISPATCH(h, gates_mm, h, w_hh);
+  return FASTSEQ_DISPATCH(ig, gru_cell_fwd, ig, hg, h.contiguous(), contiguous(b_ih), contiguous(b_hh));
+}
+
+at::Tensor rnn_step(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                    const OptTensor& b_ih, const OptTensor& b_hh, const std::string& nonlinearity) {
+  const at::Tensor ig = FASTSEQ_DISPATCH(x, gates_mm, x, w_ih), hg = FASTSEQ_DISPATCH(h, gates_mm, h, w_hh);
+  return FASTSEQ_DISPATCH(ig, rnn_cell_fwd, ig, hg, contiguous(b_ih), contiguous(b_hh), nonlinearity);
+}
+
+// A cell step (cell "lstm", "gru", "rnn_tanh" or "rnn_relu"; no peephole) with its autograd formula in C++: the
+// eager path of the cpu and cuda backends (fastseq/ops/rnn_cell.py), whose Python autograd.Function costs ~20 us a
+// step forward and backward against ~100 us for the whole step at batch 1. The same kernels and formula as the
+// custom ops': the fused pointwise backward gives the gates' gradients dg_i (of x W_ih^T) and dg_h (of h W_hh^T;
+// the same tensor but for GRU), then dx = dg_i W_ih, dh = dg_h W_hh (+ GRU's direct term), dW_ih = dg_i^T x,
+// dW_hh = dg_h^T h, db_ih = sum dg_i, db_hh = sum dg_h. Outputs: hy (and cy for LSTM). Saved: the arguments, the
+// workspace, and for LSTM a copy of cy (the caller may change cy in place, as torch's LSTMCell allows), for the RNN
+// hy itself (changing it in place is an error at backward, as in torch). A backward that is itself differentiated
+// (create_graph) takes the gradients of ATen's own cell (torch's double backward).
+struct CellFunction : public torch::autograd::Function<CellFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const std::string& cell,
+                                                const at::Tensor& x, const at::Tensor& h, const OptTensor& c,
+                                                const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                const OptTensor& b_ih, const OptTensor& b_hh) {
+    torch::autograd::variable_list out;
+    at::Tensor kept;  // the workspace (LSTM, GRU) or hy (RNN)
+    at::Tensor cy_copy;
+    if (cell == "lstm") {
+      auto [hy, cy, ws] = lstm_step(x, h, *c, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+      out = {hy, cy};
+      kept = ws;
+      cy_copy = cy.clone();
+    } else if (cell == "gru") {
+      auto [hy, ws] = gru_step(x, h, w_ih, w_hh, b_ih, b_hh);
+      out = {hy};
+      kept = ws;
+    } else {
+      out = {rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, cell.substr(4))};
+      kept = out[0];
+    }
+    ctx->save_for_backward({x, h, c.value_or(at::Tensor()), w_ih, w_hh, b_ih.value_or(at::Tensor()),
+                            b_hh.value_or(at::Tensor()), kept, cy_copy});
+    ctx->saved_data["cell"] = cell;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &h = s[1], &c = s[2], &w_ih = s[3], &w_hh = s[4], &b_ih = s[5], &b_hh = s[6],
+                     &kept = s[7], &cy = s[8];
+    const std::string cell = ctx->saved_data["cell"].toStringRef();
+    // needs_input_grad counts the tensor arguments given: x, h, c (LSTM), w_ih, w_hh, then the biases present
+    bool need[7] = {};  // x, h, c, w_ih, w_hh, b_ih, b_hh
+    const bool given[7] = {true, true, c.defined(), true, true, b_ih.defined(), b_hh.defined()};
+    for (int i = 0, k = 0; i < 7; ++i) need[i] = given[i] && ctx->needs_input_grad(k++);
+    std::vector<at::Tensor> result(8);  // one per forward argument: cell, x, h, c, w_ih, w_hh, b_ih, b_hh
+    if (torch::autograd::GradMode::is_enabled()) {  // create_graph: gradients that are a graph themselves
+      const at::Tensor* args[7] = {&x, &h, &c, &w_ih, &w_hh, &b_ih, &b_hh};
+      std::vector<at::Tensor> wrt;
+      std::vector<int> at_arg;
+      for (int i = 0; i < 7; ++i) {
+        if (need[i] && args[i]->requires_grad()) wrt.push_back(*args[i]), at_arg.push_back(i);
+      }
+      if (wrt.empty()) return result;
+      torch::autograd::variable_list outs;
+      if (cell == "lstm") {
+        auto [hy, cy2] = at::lstm_cell(x, {h, c}, w_ih, w_hh, b_ih, b_hh);
+        outs = {hy, cy2};
+      } else if (cell == "gru") {
+        outs = {at::gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)};
+      } else {
+        outs = {cell == "rnn_tanh" ? at::rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+                                   : at::rnn_relu_cell(x, h, w_ih, w_hh, b_ih, b_hh)};
+      }
+      grads.resize(outs.size());
+      const auto got = torch::autograd::grad(outs, wrt, grads, /*retain_graph=*/true, /*create_graph=*/true,
+                                             /*allow_unused=*/true);
+      for (size_t j = 0; j < got.size(); ++j) {
+        const at::Tensor& t = wrt[j];
+        result[at_arg[j] + 1] = got[j].defined() ? got[j] : at::zeros_like(t);
+      }
+      return result;
+    }
+    at::Tensor dg_i, dg_h, dh_direct;
+    if (cell == "lstm") {
+      at::Tensor dc;
+      std::tie(dg_i, dc, std::ignore) = FASTSEQ_DISPATCH(kept, lstm_cell_bwd, grads[0].contiguous(),
+                                                         grads[1].contiguous(), c.contiguous(), cy, kept,
+                                                         std::nullopt);
+      dg_h = dg_i;
+      if (need[2]) result[3] = dc;
+    } else if (cell == "gru") {
+      std::tie(dg_i, dg_h, dh_direct) = FASTSEQ_DISPATCH(kept, gru_cell_bwd, grads[0].contiguous(), h.contiguous(),
+                                                         kept);
+    } else {
+      dg_i = dg_h = FASTSEQ_DISPATCH(kept, rnn_cell_bwd, grads[0].contiguous(), kept, cell.substr(4));
+    }
+    if (need[0]) result[1] = dg_i.mm(w_ih);
+    if (need[1]) result[2] = dh_direct.defined() ? at::addmm(dh_direct, dg_h, w_hh) : dg_h.mm(w_hh);
+    if (need[3]) result[4] = dg_i.t().mm(x);
+    if (need[4]) result[5] = dg_h.t().mm(h);
+    if (need[5]) result[6] = dg_i.sum(0);
+    if (need[6]) result[7] = dg_h.is_same(dg_i) && need[5] ? result[6].clone() : dg_h.sum(0);
+    return result;
+  }
+};
+
 // The step kernels of a call: Python's `steps` where given, else those of x's device.
 fastseq::StepsFactory steps_factory(const at::Tensor& x, const py::object& steps) {
   if (!steps.is_none()) {
@@ -264,23 +386,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "hy, cy, workspace = lstm_cell_fwd(igates, hgates, cx, b_ih?, b_hh?, peephole?)");
   // A whole cell step in one call from Python: the GEMMs x W_ih^T and h W_hh^T (gates_mm) then the fused pointwise
   // kernel (a cell step at batch 1 is mostly per-call overhead).
-  m.def("lstm_cell_step", [](const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih,
-                             const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                             const OptTensor& peephole) {
-    const at::Tensor ig = FASTSEQ_DISPATCH(x, gates_mm, x, w_ih), hg = FASTSEQ_DISPATCH(h, gates_mm, h, w_hh);
-    return FASTSEQ_DISPATCH(ig, lstm_cell_fwd, ig, hg, c.contiguous(), contiguous(b_ih), contiguous(b_hh),
-                            contiguous(peephole));
-  }, "hy, cy, workspace = lstm_cell_step(x, h, c, w_ih, w_hh, b_ih?, b_hh?, peephole?)");
-  m.def("gru_cell_step", [](const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                            const OptTensor& b_ih, const OptTensor& b_hh) {
-    const at::Tensor ig = FASTSEQ_DISPATCH(x, gates_mm, x, w_ih), hg = FASTSEQ_DISPATCH(h, gates_mm, h, w_hh);
-    return FASTSEQ_DISPATCH(ig, gru_cell_fwd, ig, hg, h.contiguous(), contiguous(b_ih), contiguous(b_hh));
-  }, "hy, workspace = gru_cell_step(x, h, w_ih, w_hh, b_ih?, b_hh?)");
-  m.def("rnn_cell_step", [](const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                            const OptTensor& b_ih, const OptTensor& b_hh, const std::string& nonlinearity) {
-    const at::Tensor ig = FASTSEQ_DISPATCH(x, gates_mm, x, w_ih), hg = FASTSEQ_DISPATCH(h, gates_mm, h, w_hh);
-    return FASTSEQ_DISPATCH(ig, rnn_cell_fwd, ig, hg, contiguous(b_ih), contiguous(b_hh), nonlinearity);
-  }, "hy = rnn_cell_step(x, h, w_ih, w_hh, b_ih?, b_hh?, nonlinearity)");
+  m.def("lstm_cell_step", &lstm_step, "hy, cy, workspace = lstm_cell_step(x, h, c, w_ih, w_hh, b_ih?, b_hh?, "
+        "peephole?): a whole step in one call (the gate GEMMs, then the fused pointwise kernel)");
+  m.def("gru_cell_step", &gru_step, "hy, workspace = gru_cell_step(x, h, w_ih, w_hh, b_ih?, b_hh?)");
+  m.def("rnn_cell_step", &rnn_step, "hy = rnn_cell_step(x, h, w_ih, w_hh, b_ih?, b_hh?, nonlinearity)");
+  m.def("cell", [](const std::string& cell, const at::Tensor& x, const at::Tensor& h, const OptTensor& c,
+                   const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+    TORCH_CHECK(cell == "lstm" || cell == "gru" || cell == "rnn_tanh" || cell == "rnn_relu",
+                "cell: expected lstm, gru, rnn_tanh or rnn_relu, got ", cell);
+    TORCH_CHECK((cell == "lstm") == c.has_value(), "cell: c is given for lstm, and only for lstm");
+    auto needs = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+    if (torch::autograd::GradMode::is_enabled() &&
+        (x.requires_grad() || h.requires_grad() || needs(c) || w_ih.requires_grad() || w_hh.requires_grad() ||
+         needs(b_ih) || needs(b_hh))) {
+      return CellFunction::apply(cell, x, h, c, w_ih, w_hh, b_ih, b_hh);
+    }
+    if (cell == "lstm") {  // no graph to record
+      auto [hy, cy, ws] = lstm_step(x, h, *c, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+      return torch::autograd::variable_list{hy, cy};
+    }
+    if (cell == "gru") return torch::autograd::variable_list{std::get<0>(gru_step(x, h, w_ih, w_hh, b_ih, b_hh))};
+    return torch::autograd::variable_list{rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, cell.substr(4))};
+  }, "[hy] or [hy, cy] = cell(cell, x, h, c?, w_ih, w_hh, b_ih?, b_hh?): one step of an LSTM (c given), GRU or "
+     "Elman RNN (rnn_tanh, rnn_relu) without peephole, differentiable (its autograd formula in C++)");
   m.def("cell_args_ok", &cell_args_ok,
         "Whether a cell step's arguments pass fastseq.functional's checks (the fast path of those checks: where "
         "this is False they run and raise the precise error)", py::arg("input"), py::arg("states"),

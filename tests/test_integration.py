@@ -355,9 +355,9 @@ def test_calls_without_grad_skip_the_autograd_function(monkeypatch):
         return cell(y[0]), attention(y, y, y, need_weights=False)[0]
 
     want = model()  # parameters require grad: through the Functions
-    # (layer norm on the cpu backend has its autograd formula in C++, fastseq._C.layer_norm, which skips it alike)
-    functions = [fastseq.ops.rnn_layer._RNNLayerFunction, fastseq.ops.rnn_cell._GRUCellFunction,
-                 fastseq.ops.attention._SDPAFunction]
+    # (layer norm and the cells on the cpu backend have their autograd formulas in C++, fastseq._C.layer_norm and
+    # fastseq._C.cell, which skip it alike)
+    functions = [fastseq.ops.rnn_layer._RNNLayerFunction, fastseq.ops.attention._SDPAFunction]
     applied = []
     for function in functions:
         def counted(cls, *args, apply=function.apply):
@@ -377,6 +377,7 @@ def test_calls_without_grad_skip_the_autograd_function(monkeypatch):
     model()
     assert set(applied) == set(functions)
     assert "LayerNormFunction" in norm(torch.randn(2, 6, requires_grad=True)).grad_fn.name()
+    assert "CellFunction" in cell(torch.randn(2, 6, requires_grad=True)).grad_fn.name()
 
 
 # ------------------------------------------------------------------------------------------- DDP and FSDP (gloo)

@@ -246,6 +246,34 @@ def test_opcheck_backward_ops():
                               (dh, x, h, hy, w1, u1, "relu", "cpu", *needs))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_cxx_autograd_equals_the_custom_op(kind, bias):
+    """The eager path of the cpu backend (fastseq._C.cell: the step and its autograd formula in C++) gives the
+    custom op's outputs and gradients (its Python autograd formula, what torch.compile runs) bit for bit, for every
+    subset of the inputs requiring grad that a caller has (all, the parameters only, the input only)."""
+    x, states, params, grads = _inputs(kind, 3, 4, 5, bias=bias)
+    for wanted in ("all", "params", "input"):
+        def run(ours: bool):
+            ts = [None if t is None else t.float() for t in (x, *states, *params)]
+            ns = _n_states(kind)
+            leaves = {"all": ts, "params": ts[1 + ns:], "input": ts[:1]}[wanted]
+            leaves = [t.requires_grad_() for t in leaves if t is not None]
+            if ours:
+                out = _call(kind, "ours", ts[0], ts[1:1 + ns], ts[1 + ns:])
+            else:
+                op, _ = _op_args(kind, False)
+                extra = (None,) if kind == "lstm" else () if kind == "gru" else (kind[4:],)
+                out = op(*ts, *extra)
+                out = out[:ns] if isinstance(out, tuple) else (out,)
+            assert ("CellFunction" in out[0].grad_fn.name()) == ours
+            return [*out, *torch.autograd.grad(out, leaves, [d.float() for d in grads])]
+
+        with fastseq.backend("cpu"):
+            for i, (a, b) in enumerate(zip(run(True), run(False), strict=True)):
+                assert_close(a, b, 0, 0, f"{kind} {wanted} tensor {i}")
+
+
 def test_backward_runs_on_the_backend_of_forward():
     """A step run on the reference backend and differentiated outside that block still gets its gradients right."""
     data = _inputs("gru", 4, 6, 9)

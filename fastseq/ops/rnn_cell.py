@@ -325,9 +325,19 @@ _GRUCellFunction = eager_function("GRUCellFunction", _gru_cell_impl, _gru_setup_
 _RNNCellFunction = eager_function("RNNCellFunction", _rnn_cell_impl, _rnn_setup_context, _rnn_backward)
 
 
+def _in_cxx(op: str, x: Tensor) -> bool:
+    """Whether a step runs fastseq._C's `cell` (kernels and autograd formula in C++: the same kernels as the custom
+    op's, without a Python autograd.Function's ~20 us a step forward and backward): in eager mode on the cpu and
+    cuda backends."""
+    return not torch.compiler.is_compiling() and _select(op, x) in ("cpu", "cuda")
+
+
 def lstm_cell_apply(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                     b_hh: Tensor | None, peephole: Tensor | None) -> tuple[Tensor, Tensor]:
     """(h', c') of one LSTM step (2-D, checked inputs), through the fastest path for the current mode."""
+    if peephole is None and _in_cxx("lstm_cell", x):
+        hy, cy = backends.extension().cell("lstm", x, h, c, w_ih, w_hh, b_ih, b_hh)
+        return hy, cy
     hy, cy, _ = call(lstm_cell, _LSTMCellFunction, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole)
     return hy, cy
 
@@ -335,10 +345,14 @@ def lstm_cell_apply(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
 def gru_cell_apply(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
                    ) -> Tensor:
     """h' of one GRU step (2-D, checked inputs)."""
+    if _in_cxx("gru_cell", x):
+        return backends.extension().cell("gru", x, h, None, w_ih, w_hh, b_ih, b_hh)[0]
     return call(gru_cell, _GRUCellFunction, x, h, w_ih, w_hh, b_ih, b_hh)[0]
 
 
 def rnn_cell_apply(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                    nonlinearity: str) -> Tensor:
     """h' of one Elman RNN step (2-D, checked inputs)."""
+    if _in_cxx("rnn_cell", x):
+        return backends.extension().cell(f"rnn_{nonlinearity}", x, h, None, w_ih, w_hh, b_ih, b_hh)[0]
     return call(rnn_cell, _RNNCellFunction, x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
