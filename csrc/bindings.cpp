@@ -131,19 +131,26 @@ bool layer_norm_args_ok(const at::Tensor& x, const std::vector<int64_t>& shape, 
   return ok(w) && ok(b);
 }
 
+// x as the kernels take it: (M, n) contiguous rows of the trailing n elements (x itself where it is that already).
+at::Tensor rows(const at::Tensor& x, int64_t n) {
+  return (x.dim() == 2 && x.size(1) == n ? x : x.reshape({-1, n})).contiguous();
+}
+
 // A layer norm parameter as the kernels take it: (n,) contiguous in x's dtype (float32 parameters of bfloat16 /
 // float16 x are cast); none stays none.
 OptTensor flat_param(const OptTensor& p, int64_t n, const at::Tensor& x) {
-  return p.has_value() && p->defined() ? OptTensor(p->reshape({n}).to(x.scalar_type()).contiguous()) : OptTensor();
+  if (!p.has_value() || !p->defined()) return OptTensor();
+  if (p->dim() == 1 && p->scalar_type() == x.scalar_type() && p->is_contiguous()) return p;  // no op to dispatch
+  return p->reshape({n}).to(x.scalar_type()).contiguous();
 }
 
 // Layer norm over the trailing dims of x whose product is n: y (x's shape), mean, rstd (one per row). The flattening,
 // the casts of weight and bias to x's dtype and the kernel in one call (at one row the op is per-call overhead).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, int64_t n, const OptTensor& w,
                                                                    const OptTensor& b, double eps) {
-  const at::Tensor x2 = x.reshape({-1, n}).contiguous();
+  const at::Tensor x2 = rows(x, n);
   auto [y, mean, rstd] = FASTSEQ_DISPATCH(x2, layer_norm_fwd, x2, flat_param(w, n, x), flat_param(b, n, x), eps);
-  y.resize_(x.sizes());  // in place: a view of y would refuse in-place use of the output
+  if (y.sizes() != x.sizes()) y.resize_(x.sizes());  // in place: a view of y would refuse in-place use of the output
   return std::make_tuple(y, mean, rstd);
 }
 
@@ -188,13 +195,13 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
       return {dx, at::Tensor(), dw, db, at::Tensor()};
     }
     const int64_t n = c10::multiply_integers(shape);
-    const at::Tensor x2 = x.reshape({-1, n}).contiguous(), dy2 = grads[0].reshape({-1, n}).contiguous();
+    const at::Tensor x2 = rows(x, n), dy2 = rows(grads[0], n);
     std::tie(dx, dw, db) = FASTSEQ_DISPATCH(x2, layer_norm_bwd, dy2, x2, flat_param(w, n, x), mean, rstd, need_dw,
                                             need_db);
     const auto pdtype = w.defined() ? w.scalar_type() : x.scalar_type();  // the parameters' (bias's as weight's)
-    return {need_dx ? dx.reshape(x.sizes()) : at::Tensor(), at::Tensor(),
-            need_dw ? dw.reshape(shape).to(pdtype) : at::Tensor(),
-            need_db ? db.reshape(shape).to(pdtype) : at::Tensor(), at::Tensor()};
+    auto param_grad = [&](const at::Tensor& g) { return (shape.size() == 1 ? g : g.reshape(shape)).to(pdtype); };
+    return {need_dx ? (dx.sizes() == x.sizes() ? dx : dx.reshape(x.sizes())) : at::Tensor(), at::Tensor(),
+            need_dw ? param_grad(dw) : at::Tensor(), need_db ? param_grad(db) : at::Tensor(), at::Tensor()};
   }
 };
 
@@ -364,14 +371,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // parameters of bfloat16 / float16 x); y has x's shape.
   m.def("layer_norm_forward", &layer_norm_forward, "y, mean, rstd = layer_norm_forward(x, n, weight?, bias?, eps)");
   m.def("layer_norm", [](const at::Tensor& x, const std::vector<int64_t>& shape, const OptTensor& w,
-                         const OptTensor& b, double eps) {
+                         const OptTensor& b, double eps) -> OptTensor {
+    if (!layer_norm_args_ok(x, shape, w, b)) return std::nullopt;  // fastseq.functional's checks name the error
     auto needs = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
     if (!torch::autograd::GradMode::is_enabled() || !(x.requires_grad() || needs(w) || needs(b))) {
       return std::get<0>(layer_norm_forward(x, c10::multiply_integers(shape), w, b, eps));  // no graph to record
     }
     return LayerNormFunction::apply(x, shape, w, b, eps);
   },
-        "y = layer_norm(x, normalized_shape, weight?, bias?, eps), differentiable (its autograd formula in C++)");
+        "y = layer_norm(x, normalized_shape, weight?, bias?, eps), differentiable (its autograd formula in C++); "
+        "None where the arguments fail fastseq.functional's checks (the checks and the op in one call)");
   m.def("layer_norm_args_ok", &layer_norm_args_ok,
         "Whether layer_norm's arguments pass fastseq.functional's checks (their fast path, as cell_args_ok)",
         py::arg("input"), py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"));

@@ -31,6 +31,7 @@ const acc_t<T>* widen(const T* row, int64_t N, std::vector<acc_t<T>>& buf) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     return row;
   } else {
+    buf.resize(N);
     at::vec::convert(row, buf.data(), N);
     return buf.data();
   }
@@ -95,17 +96,19 @@ void row_stats(const A* x, int64_t N, double eps, A& mean, A& rstd) {
   rstd = A(1) / (s * std::sqrt(ssq_s / n + static_cast<A>(eps) * inv * inv));
 }
 
+// Rows per task of at::parallel_for: ~32K elements, so that a few short rows run on the calling thread alone.
+int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)); }
+
 template <typename T>
 void fwd_kernel(const T* x, const T* w, const T* b, T* y, acc_t<T>* mean, acc_t<T>* rstd, int64_t M, int64_t N,
                 double eps) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   // x, y: (M, N); w, b: (N,) or null; mean, rstd: (M,)
-  std::vector<A> wa, ba;  // weight and bias widened once
-  if (w) { wa.resize(N); at::vec::convert(w, wa.data(), N); }
-  if (b) { ba.resize(N); at::vec::convert(b, ba.data(), N); }
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+  std::vector<A> wbuf, bbuf;  // weight and bias widened once (float32 / float64 ones are read in place)
+  const A* wa = w ? widen(w, N, wbuf) : nullptr;
+  const A* ba = b ? widen(b, N, bbuf) : nullptr;
+  at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
     std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), ybuf(std::is_same_v<T, A> ? 0 : N);
     for (const auto r : c10::irange(begin, end)) {
       const A* xr = widen(x + r * N, N, xbuf);
@@ -118,14 +121,14 @@ void fwd_kernel(const T* x, const T* w, const T* b, T* y, acc_t<T>* mean, acc_t<
       int64_t j = 0;
       for (; j + V::size() <= N; j += V::size()) {
         V v = (V::loadu(xr + j) - vmu) * vs;
-        if (w) v = v * V::loadu(wa.data() + j);
-        if (b) v = v + V::loadu(ba.data() + j);
+        if (wa) v = v * V::loadu(wa + j);
+        if (ba) v = v + V::loadu(ba + j);
         v.store(yr + j);
       }
       for (; j < N; ++j) {
         A v = (xr[j] - mu) * rs;
-        if (w) v *= wa[j];
-        if (b) v += ba[j];
+        if (wa) v *= wa[j];
+        if (ba) v += ba[j];
         yr[j] = v;
       }
       narrow<T>(yr, y + r * N, N);
@@ -140,12 +143,12 @@ void bwd_kernel(const T* dy, const T* x, const T* w, const acc_t<T>* mean, const
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   // dy, x, dx: (M, N); w: (N,) or null; mean, rstd: (M,);
-  // dw_part, db_part: (num_threads, N) zero-filled partial sums, or null when not needed
+  // dw_part, db_part: (parts, N) zero-filled partial sums, one per thread (parts = 1 where at::parallel_for runs
+  // on the calling thread alone: it is thread 0 then), or null when not needed
   std::vector<A> wa(N, A(1));  // weight widened once (ones without weight, so that g = dy)
   if (w) at::vec::convert(w, wa.data(), N);
   const A* wv = wa.data();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
     const bool widened = !std::is_same_v<T, A>;
     std::vector<A> xbuf(widened ? N : 0), dybuf(widened ? N : 0), dxbuf(widened ? N : 0);
     A* dwp = dw_part ? dw_part + at::get_thread_num() * N : nullptr;
@@ -252,10 +255,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
               "layer_norm_bwd: mean and rstd must be contiguous (", M, ",) ", stat_type(x), " tensors, got ",
               mean.sizes(), " ", mean.scalar_type(), " and ", rstd.sizes(), " ", rstd.scalar_type());
   auto dx = empty_output_like(x);
-  const int64_t parts = at::get_num_threads();
+  const int64_t parts = M <= row_grain(N) ? 1 : at::get_num_threads();
   auto acc_opts = x.options().dtype(stat_type(x));
-  auto dw_part = need_dweight ? at::zeros({parts, N}, acc_opts) : at::Tensor();
-  auto db_part = need_dbias ? at::zeros({parts, N}, acc_opts) : at::Tensor();
+  auto zeros = [&] { return parts == 1 ? at::zeros({N}, acc_opts) : at::zeros({parts, N}, acc_opts); };
+  auto dw_part = need_dweight ? zeros() : at::Tensor();
+  auto db_part = need_dbias ? zeros() : at::Tensor();
   if (M > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "layer_norm_bwd", [&] {
       using A = acc_t<scalar_t>;
@@ -266,8 +270,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
                            need_dbias ? db_part.data_ptr<A>() : nullptr, M, N);
     });
   }
-  auto dw = need_dweight ? dw_part.sum(0).to(x.scalar_type()) : at::Tensor();
-  auto db = need_dbias ? db_part.sum(0).to(x.scalar_type()) : at::Tensor();
+  auto total = [&](const at::Tensor& part) { return (parts == 1 ? part : part.sum(0)).to(x.scalar_type()); };
+  auto dw = need_dweight ? total(dw_part) : at::Tensor();
+  auto db = need_dbias ? total(db_part) : at::Tensor();
   return {dx, dw, db};
 }
 

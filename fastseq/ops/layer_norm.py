@@ -122,10 +122,23 @@ layer_norm.register_autograd(_backward, setup_context=_setup_context)
 _LayerNormFunction = eager_function("LayerNormFunction", _forward, _setup_context, _backward, non_differentiable=(1, 2))
 
 
-def apply(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """The normalised output (the op's first result), through the fastest path for the current mode: in eager mode
-    on the cpu and cuda backends fastseq._C's layer_norm (kernels and autograd formula in C++: the same kernels as
-    the custom op's, without a Python autograd.Function's ~10 us a call)."""
-    if not torch.compiler.is_compiling() and _select(x) in ("cpu", "cuda"):
+def eager_cxx(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float
+              ) -> Tensor | None:
+    """The normalised output through fastseq._C's layer_norm where the call can take it: in eager mode, on the cpu
+    and cuda backends, with arguments that pass fastseq.functional's checks (the checks, kernels and autograd
+    formula in one C++ call: the same kernels as the custom op's, without a Python autograd.Function's ~10 us a
+    call, at one row the op's whole cost); None elsewhere."""
+    if torch.compiler.is_compiling() or not (isinstance(x, Tensor) and x.is_floating_point()) or \
+            _select(x) not in ("cpu", "cuda"):
+        return None
+    try:
         return backends.extension().layer_norm(x, normalized_shape, weight, bias, eps)
-    return call(layer_norm, _LayerNormFunction, x, normalized_shape, weight, bias, eps)[0]
+    except TypeError:  # an argument of a type the C++ checks do not take: fastseq.functional's checks name it
+        return None
+
+
+def apply(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """The normalised output (the op's first result) of checked arguments, through the fastest path for the
+    current mode."""
+    y = eager_cxx(x, normalized_shape, weight, bias, eps)
+    return call(layer_norm, _LayerNormFunction, x, normalized_shape, weight, bias, eps)[0] if y is None else y
