@@ -465,13 +465,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_layer_fwd", [](const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const OptTensor& c0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                             const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& peephole, bool reverse,
-                            const OptTensor& batch_sizes, const py::object& steps) {
+                            const OptTensor& batch_sizes, const py::object& steps, bool need_saved) {
     return fastseq::rnn_layer_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
-                                  steps_factory(x, steps));
+                                  steps_factory(x, steps), need_saved);
   }, "y, h_n, c_n, saved = rnn_layer_fwd(mode, x, h0, c0?, w_ih, w_hh, b_ih?, b_hh?, w_hr?, peephole?, reverse, "
-     "batch_sizes?, steps?)", py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
-     py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("peephole"), py::arg("reverse"),
-     py::arg("batch_sizes"), py::arg("steps") = py::none());
+     "batch_sizes?, steps?, need_saved=True)", py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"),
+     py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("peephole"),
+     py::arg("reverse"), py::arg("batch_sizes"), py::arg("steps") = py::none(), py::arg("need_saved") = true);
   m.def("rnn_layer_bwd", [](const std::string& mode, const at::Tensor& dy, const at::Tensor& dh_n,
                             const OptTensor& dc_n, const at::Tensor& x, const at::Tensor& h0, const OptTensor& c0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,

@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& peephole, bool reverse, const std::optional<at::Tensor>& batch_sizes,
-    const StepsFactory& make_steps) {
+    const StepsFactory& make_steps, bool need_saved) {
   constexpr const char* fn = "rnn_layer_fwd";
   const Layer L(fn, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, present(batch_sizes));
   const Schedule S(fn, x, L.N, batch_sizes, reverse);
@@ -213,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
   }
 
   // saved: h of every step (a copy: y is returned to the caller), the gates, c, o*tanh(c) (undefined where absent)
-  std::vector<at::Tensor> saved{steps->empty({S.total, L.Hout}).copy_(F.y), F.gates, F.c_seq, F.h_raw};
+  std::vector<at::Tensor> saved(4);
+  if (need_saved) saved = {steps->empty({S.total, L.Hout}).copy_(F.y), F.gates, F.c_seq, F.h_raw};
   at::Tensor y = F.y;
   if (!S.packed) y.resize_({S.T, L.N, L.Hout});  // (T, N, Hout) in place: a view would refuse in-place use of y
   return {y, h_n, c_n, saved};

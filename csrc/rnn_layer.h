@@ -148,13 +148,14 @@ using StepsFactory = std::function<std::unique_ptr<CellSteps>(const Layer&)>;
    (or (sum(batch_sizes), Hout) packed), h_n (N, Hout), c_n (N, H) (undefined unless lstm), and `saved`: the four
    tensors rnn_layer_bwd needs, [h of every step (rows, Hout), the activated gates (rows, saved_width) (lstm, gru),
    c of every step (rows, H) (lstm), o * tanh(c) (rows, H) (with w_hr)], undefined where absent, with rows = T*N or
-   sum(batch_sizes); pass them back (the absent ones as anything: they are not read). */
+   sum(batch_sizes); pass them back (the absent ones as anything: they are not read). Without need_saved (a forward
+   that no backward follows) `saved` is four undefined tensors and the copy of h it would hold is not made. */
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_fwd(
     const std::string& mode, const at::Tensor& x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& peephole, bool reverse, const std::optional<at::Tensor>& batch_sizes,
-    const StepsFactory& make_steps);
+    const StepsFactory& make_steps, bool need_saved = true);
 /* dy like y; dh_n like h_n; dc_n like c_n (lstm) or none (zeros). Returns dx, dh0, dc0 (undefined unless lstm) and
    the weight gradients {dw_ih, dw_hh, db_ih, db_hh, dw_hr, dpeephole} (undefined where absent). */
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_bwd(

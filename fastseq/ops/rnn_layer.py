@@ -85,6 +85,15 @@ def _forward(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, 
     with batch_sizes (T,) int64 on the CPU), h0 (N, Hout), c0 (N, H) (LSTM modes, else None), w_ih (G*H, C),
     w_hh (G*H, Hout), b_ih, b_hh (G*H,), w_hr (Hout, H) (LSTM projection; Hout = H without), peephole (3, H)
     (peephole_lstm)."""
+    return _run(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes, need_saved=True)
+
+
+def _run(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+         b_hh: Tensor | None, w_hr: Tensor | None, peephole: Tensor | None, reverse: bool,
+         batch_sizes: Tensor | None, need_saved: bool) -> tuple[Tensor, ...]:
+    """_forward; without need_saved (a forward that no backward follows) the four saved tensors are empty and the
+    copy of every step's h that the backward would read is not made (inference holds y, the loop's gate and c
+    buffers and nothing more)."""
     backend = _select(x)
     if backend == "reference":
         y, h_n, c_n = reference.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes,
@@ -93,7 +102,7 @@ def _forward(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, 
         return (y, h_n, _or_empty(c_n, x), *(x.new_zeros(s[k]) for k in ("h_seq", "gates", "c_seq", "h_raw")))
     y, h_n, c_n, saved = backends.extension().rnn_layer_fwd(
         mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
-        _steps(backend, mode, b_ih, b_hh, peephole))
+        _steps(backend, mode, b_ih, b_hh, peephole), need_saved)
     return (y, h_n, *(_or_empty(t, x) for t in (c_n, *saved)))
 
 
@@ -241,6 +250,9 @@ def apply(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_h
           batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """y, h_n, c_n (None unless the mode has a cell state) of one layer direction, through the fastest path for the
     current mode."""
-    y, h_n, c_n, *_ = call(rnn_layer, _RNNLayerFunction, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
-                           reverse, batch_sizes)
+    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes)
+    if torch.compiler.is_compiling() or needs_grad(*args):
+        y, h_n, c_n, *_ = call(rnn_layer, _RNNLayerFunction, *args)
+    else:  # no backward follows: nothing saved for one
+        y, h_n, c_n, *_ = _run(*args, need_saved=False)
     return y, h_n, c_n if modes.mode(mode).cell else None
