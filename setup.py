@@ -27,8 +27,9 @@ def _cpu_flags() -> list[str]:
     FASTSEQ_NO_AVX2=1 gives the portable code. AVX-512 is opt-in (FASTSEQ_AVX512=1, where the CPU has it): on the
     2-core Zen 4 it measured no consistent gain (recurrent layers at one row: 0.9-1.1x of the AVX2 build, some rows
     slower; the layers at more rows run oneDNN either way). Both builds pass the whole suite. The layer norm slowdown
-    once blamed on it (13x at width 768) does not reproduce: it was the first touch of fresh memory (an AVX2 build
-    shows the same: 4096 x 8192 forward+backward takes ~340 ms a call for its first four calls, then ~50 ms)."""
+    once blamed on it (13x at width 768) does not reproduce (AVX-512 build, 4096 x 768 forward+backward: 2.7x torch);
+    its likely cause is the first touch of fresh memory, which an AVX2 build shows alike (4096 x 8192
+    forward+backward: ~340 ms a call for its first four calls, then ~50 ms)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
