@@ -30,7 +30,7 @@ _chosen: dict[tuple, str] = {}
 _ENVIRON = getattr(os.environ, "_data", None)
 
 
-def _raw_env(name: str, encoded: bytes) -> object:
+def raw_env(name: str, encoded: bytes) -> object:
     """The value of environment variable `name` as os.environ holds it (encoded on POSIX): for comparing, not
     reading."""
     return os.environ.get(name) if _ENVIRON is None else _ENVIRON.get(encoded)
@@ -146,8 +146,8 @@ def select(op: str, device: torch.device, dtype: torch.dtype, dtypes: Mapping[st
     `dtypes` maps each backend that implements the op to the dtypes it supports ("reference" supports every
     floating dtype); limits(name), where given, says why backend `name` (available, device and dtype fine) cannot
     run this call's shapes (the kernel's own statement of its limits), or None."""
-    key = (op, device, dtype, id(dtypes), _requested.get(), _raw_env("FASTSEQ_BACKEND", b"FASTSEQ_BACKEND"),
-           _raw_env("TRITON_INTERPRET", b"TRITON_INTERPRET"))
+    key = (op, device, dtype, id(dtypes), _requested.get(), raw_env("FASTSEQ_BACKEND", b"FASTSEQ_BACKEND"),
+           raw_env("TRITON_INTERPRET", b"TRITON_INTERPRET"))
     if limits is None and key in _chosen:
         return _chosen[key]
     first = requested()

@@ -408,13 +408,16 @@ def _layer_params(mode: str, input: Tensor, params: Sequence[Tensor], has_biases
                          f"{', w_peephole' if m.peephole else ''}]"
                          f"{', + w_hr each for an LSTM with projections' if m.projection else ''}), got {count}")
     per += proj
+    dtype, device = input.dtype, input.device
+    # one pass over the common case (every parameter a tensor of input's dtype and device), else each is named
+    alike = all(isinstance(t, Tensor) and t.dtype == dtype and t.device == device for t in params)
     out = []
     hidden = hout = None
     for i in range(num_layers * dirs):
         layer, suffix = divmod(i, dirs)
         name = f"l{layer}{'_reverse' if suffix else ''}"
         w = list(params[i * per:(i + 1) * per])
-        for j, t in enumerate(w):
+        for j, t in enumerate(w if not alike else ()):
             _check_like(t, input, f"params[{i * per + j}] (of {name})", "input")
         w_ih, w_hh = w[0], w[1]
         b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)

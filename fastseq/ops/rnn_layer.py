@@ -42,7 +42,8 @@ def _limits(name: str) -> str | None:
 
 
 def _select(x: Tensor) -> str:
-    return backends.select("rnn_layer", x.device, x.dtype, DTYPES, _limits)
+    # limits only without the extension: select caches its choices where there are none to consult
+    return backends.select("rnn_layer", x.device, x.dtype, DTYPES, None if backends.extension() else _limits)
 
 
 _PERSISTENT = {"0": False, "1": True, "": None}
@@ -208,7 +209,8 @@ def onednn_rejects(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Te
                    batch_sizes: Tensor | None) -> str | None:
     """Why this layer direction (apply's arguments) does not run on oneDNN's LSTM primitive, or None when it does:
     for training where a tensor needs grad, else for inference."""
-    value = os.environ.get("FASTSEQ_ONEDNN", "")
+    raw = backends.raw_env("FASTSEQ_ONEDNN", b"FASTSEQ_ONEDNN")
+    value = "" if raw is None else raw.decode() if isinstance(raw, bytes) else raw
     if value not in _ONEDNN:
         raise ValueError(f"FASTSEQ_ONEDNN must be 0 or 1 (or unset), got {value!r}")
     if _ONEDNN[value] is False:
