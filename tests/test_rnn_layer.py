@@ -300,6 +300,24 @@ def test_no_grad_forward_in_chunks(monkeypatch, kind, packed, chunk_steps):
         assert_close(g, w, *TOL[torch.float64], f"output {i}")
 
 
+@pytest.mark.parametrize("kind", ["lstm", "peephole_lstm", "gru", "rnn_tanh"])
+def test_forward_without_grad_saves_nothing(kind):
+    """A layer direction run for inference (need_saved=False: no backward follows) returns the outputs of one run
+    for training bit for bit and none of the four tensors a backward would read (they stay empty)."""
+    m = modes.mode(kind)
+    gen = torch.Generator().manual_seed(4)
+    rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    x, h0 = rand(6, 3, 5), rand(3, 4)
+    c0 = rand(3, 4) if m.cell else None
+    args = (kind, x, h0, c0, rand(m.gates * 4, 5), rand(m.gates * 4, 4), rand(m.gates * 4), rand(m.gates * 4), None,
+            rand(3, 4) if m.peephole else None, False, None)
+    with on_backend(FAST):
+        train, infer = op._run(*args, need_saved=True), op._run(*args, need_saved=False)
+    for i in range(3):
+        assert_close(infer[i], train[i], 0, 0, f"output {i}")
+    assert any(t.numel() for t in train[3:]) and not any(t.numel() for t in infer[3:])
+
+
 ONEDNN_DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
 
 
