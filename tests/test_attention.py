@@ -159,6 +159,21 @@ def test_against_reference_and_torch(backend, device, dtype, case):
     _check(backend, device, dtype, _for_backend(backend, device, dtype, case))
 
 
+@pytest.mark.skipif(not (backends.extension() and backends.extension().sdpa_cpu_bf16_dot()),
+                    reason="a CPU with bf16 dot products (AVX512_BF16)")
+@pytest.mark.parametrize("dot", ["1", "0"])
+def test_cpu_bfloat16_forward_on_bf16_dot_products_or_widened(monkeypatch, dot):
+    """Where the CPU has bf16 dot products the forward of bfloat16 inputs runs on them (FASTSEQ_CPU_BF16_DOT=0 keeps
+    the float32 path): either way every output and gradient is within 2x torch's error of the float64 reference
+    (odd head dims and lengths, a mask, causal, GQA)."""
+    monkeypatch.setenv("FASTSEQ_CPU_BF16_DOT", dot)
+    assert backends.extension().sdpa_cpu_bf16_dot() == (dot == "1")
+    for case in (CASES[5], CASES[6], CASES[7], CASES[11], CASES[18], CASES[-3]):
+        _check("cpu", "cpu", torch.bfloat16, dataclasses.replace(case, q=case.q[:-1] + (case.q[-1] + 1,),
+                                                                  k=case.k[:-1] + (case.k[-1] + 1,))
+               if case.q[-1] % 2 == 0 and case.mask is None else case)
+
+
 def test_long_sequence_cpu():
     """L = S = 1000 on the C++ CPU kernel, causal and with a float mask, against torch and the reference."""
     _check("cpu", "cpu", torch.float32, Case((1, 2, 1000, 64), (1, 2, 1000, 64), (1, 2, 1000, 64), is_causal=True))

@@ -11,7 +11,8 @@
 // Work splits: forward over (b, h, query block); backward over (b, kv head, key chunk) -- a task owns dk and dv of its
 // key blocks and accumulates dq of all query rows into a partial buffer of its chunk (summed at the end).
 // Tiles are multiplied by a register-blocked at::vec kernel (6 rows x 2 vectors of accumulators). float32 and
-// float64 compute in their own type; bfloat16 is widened to float32 up front and narrowed at the end.
+// float64 compute in their own type; bfloat16 is widened to float32 up front and narrowed at the end, except the
+// forward on a CPU with bf16 dot products (AVX512_BF16), which multiplies bf16 tiles into float32 (see bf16_gemm).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -24,7 +25,14 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+#include <cstdlib>
 #if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+// Native bfloat16 dot products (AVX512_BF16), compiled where the compiler knows them and used where the CPU has them.
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
+#define FASTSEQ_BF16_DOT 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -259,6 +267,146 @@ Vectorized<T> fast_exp(const Vectorized<T>& x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// bfloat16 tile products on the CPU's bf16 dot products (vdpbf16ps: a pair of bf16 products added into a float32
+// lane), for the forward of bfloat16 inputs: q, k, v stay bf16 and the probabilities are rounded to bf16 for p v
+// (as torch's CPU kernel does), scores and the output accumulate in float32. Operands go in pairs along K, each
+// 32-bit word holding two bf16 (the lower one first): A (M, K2) words (a[r, 2k], a[r, 2k+1]), which is a bf16 row
+// read as words; B (K2, N) words (b[2k, n], b[2k+1, n]); zero padding past an odd K.
+
+// Whether the bf16 products run: compiled in, the CPU has AVX512F/BW/VL and AVX512_BF16 with the OS saving their
+// state, and FASTSEQ_CPU_BF16_DOT is not 0 (which keeps the float32 path: widened inputs).
+bool bf16_dot_enabled() {
+#ifdef FASTSEQ_BF16_DOT
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+    unsigned lo, hi;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xE6u) != 0xE6u) return false;  // the OS saves SSE, AVX and AVX-512 state
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const unsigned f = 1u << 16, bw = 1u << 30, vl = 1u << 31;  // AVX512F, AVX512BW, AVX512VL
+    if ((b & (f | bw | vl)) != (f | bw | vl)) return false;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));  // AVX512_BF16
+  }();
+  const char* env = std::getenv("FASTSEQ_CPU_BF16_DOT");
+  return has && !(env && env[0] == '0');
+#else
+  return false;
+#endif
+}
+
+#ifdef FASTSEQ_BF16_DOT
+#define FASTSEQ_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// C (MR, nn) (+)= A (MR, K2) B (K2, nn) for nn <= 32 columns: two float32 vectors of accumulators per row, named
+// one by one (held in arrays, GCC kept them in memory across the loop: a third of the speed).
+template <int MR>
+FASTSEQ_BF16_TARGET void bf16_micro(int64_t K2, const uint32_t* __restrict a, int64_t lda,
+                                    const uint32_t* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc,
+                                    int nn, bool accumulate) {
+  static_assert(MR >= 1 && MR <= 6, "rows 1 to 6");
+  const auto m0 = static_cast<__mmask16>(nn >= 16 ? 0xFFFFu : (1u << nn) - 1);
+  const auto m1 = static_cast<__mmask16>(nn >= 32 ? 0xFFFFu : nn > 16 ? (1u << (nn - 16)) - 1 : 0u);
+  __m512 x0 = _mm512_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0;
+  __m512 y0 = x0, y1 = x0, y2 = x0, y3 = x0, y4 = x0, y5 = x0;
+  const uint32_t *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (int64_t k = 0; k < K2; ++k) {
+    const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, b + k * ldb);
+    const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, b + k * ldb + 16);
+#define FASTSEQ_ROW(r)                                                               \
+  if constexpr (MR > r) {                                                            \
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a##r[k]));     \
+    x##r = _mm512_dpbf16_ps(x##r, av, b0);                                           \
+    y##r = _mm512_dpbf16_ps(y##r, av, b1);                                           \
+  }
+    FASTSEQ_ROW(0) FASTSEQ_ROW(1) FASTSEQ_ROW(2) FASTSEQ_ROW(3) FASTSEQ_ROW(4) FASTSEQ_ROW(5)
+#undef FASTSEQ_ROW
+  }
+#define FASTSEQ_OUT(r)                                                                 \
+  if constexpr (MR > r) {                                                              \
+    float* cr = c + r * ldc;                                                           \
+    if (accumulate) {                                                                  \
+      x##r = _mm512_add_ps(x##r, _mm512_maskz_loadu_ps(m0, cr));                       \
+      y##r = _mm512_add_ps(y##r, _mm512_maskz_loadu_ps(m1, cr + 16));                  \
+    }                                                                                  \
+    _mm512_mask_storeu_ps(cr, m0, x##r);                                               \
+    _mm512_mask_storeu_ps(cr + 16, m1, y##r);                                          \
+  }
+  FASTSEQ_OUT(0) FASTSEQ_OUT(1) FASTSEQ_OUT(2) FASTSEQ_OUT(3) FASTSEQ_OUT(4) FASTSEQ_OUT(5)
+#undef FASTSEQ_OUT
+}
+
+// C (M, N) (+)= A (M, K2) B (K2, N), pairs as above; lda, ldb in words.
+void bf16_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+               float* c, int64_t ldc, bool accumulate) {
+  using Micro = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, int, bool);
+  static constexpr Micro table[kMR] = {&bf16_micro<1>, &bf16_micro<2>, &bf16_micro<3>,
+                                       &bf16_micro<4>, &bf16_micro<5>, &bf16_micro<6>};
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    const int nn = static_cast<int>(std::min<int64_t>(32, N - n0));
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int64_t mr = std::min<int64_t>(kMR, M - m0);
+      table[mr - 1](K2, a + m0 * lda, lda, b + n0, ldb, c + m0 * ldc + n0, ldc, nn, accumulate);
+    }
+  }
+}
+
+// out[j] = bf16(x[j]) for j < n (round to nearest even), zero for n <= j < npad (npad even).
+FASTSEQ_BF16_TARGET void to_bf16(const float* x, int64_t n, int64_t npad, uint16_t* out) {
+  int64_t j = 0;
+  for (; j < n; j += 16) {
+    const auto m = static_cast<__mmask16>(n - j >= 16 ? 0xFFFFu : (1u << (n - j)) - 1);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + j));
+    _mm256_mask_storeu_epi16(out + j, m, (__m256i)h);
+  }
+  for (j = n; j < npad; ++j) out[j] = 0;
+}
+#else
+void bf16_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, bool) {
+  TORCH_CHECK(false, "sdpa (cpu): built without bf16 dot products");
+}
+void to_bf16(const float*, int64_t, int64_t, uint16_t*) { TORCH_CHECK(false, "sdpa (cpu): built without bf16"); }
+#endif
+
+uint32_t bf16_pair(c10::BFloat16 lo, c10::BFloat16 hi) { return uint32_t(lo.x) | (uint32_t(hi.x) << 16); }
+
+// The bf16 operands of a forward: k of key block j as B of q k^T, (K2 = ceil(E/2), kBN) words; v of key block j
+// as B of p v, (kBN / 2, Ev) words; zero past S and E.
+struct Bf16Operands {
+  View4<const c10::BFloat16> q;
+  int64_t K2;
+  const uint32_t* kt;  // (B * Hk, nkb, K2, kBN)
+  const uint32_t* v;   // (B * Hk, nkb, kBN / 2, Ev)
+};
+
+void pack_bf16_kv(const View4<const c10::BFloat16>& k, const View4<const c10::BFloat16>& v, const Geometry& g,
+                  int64_t K2, uint32_t* kt, uint32_t* vp) {
+  const int64_t nkb = ceil_div(g.S, kBN);
+  const c10::BFloat16 zero(0.0f);
+  at::parallel_for(0, g.B * g.Hk * nkb, 1, [&](int64_t begin, int64_t end) {
+    for (const auto t : c10::irange(begin, end)) {
+      const int64_t bh = t / nkb, jb = t % nkb, b = bh / g.Hk, h = bh % g.Hk;
+      const int64_t j0 = jb * kBN, n = std::min(kBN, g.S - j0);
+      uint32_t* kd = kt + t * K2 * kBN;
+      std::fill(kd, kd + K2 * kBN, 0u);
+      for (const auto j : c10::irange(n)) {
+        const c10::BFloat16* row = k.at(b, h, j0 + j);
+        for (int64_t e2 = 0; e2 < K2; ++e2) {
+          kd[e2 * kBN + j] = bf16_pair(row[2 * e2 * k.s3], 2 * e2 + 1 < g.E ? row[(2 * e2 + 1) * k.s3] : zero);
+        }
+      }
+      uint32_t* vd = vp + t * (kBN / 2) * g.Ev;
+      std::fill(vd, vd + (kBN / 2) * g.Ev, 0u);
+      for (int64_t j = 0; j < n; j += 2) {
+        const c10::BFloat16* r0 = v.at(b, h, j0 + j);
+        const c10::BFloat16* r1 = j + 1 < n ? v.at(b, h, j0 + j + 1) : nullptr;
+        for (const auto e : c10::irange(g.Ev)) vd[(j / 2) * g.Ev + e] = bf16_pair(r0[e * v.s3], r1 ? r1[e * v.s3] : zero);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Forward.
 
 template <typename T>
@@ -276,6 +424,7 @@ struct FwdArgs {
   uint64_t seed, offset;
   T* out;                  // (B, Hq, L, Ev) contiguous
   T* lse;                  // (B, Hq, L)
+  const Bf16Operands* bf16 = nullptr;  // bfloat16 inputs on bf16 dot products (T = float): q, k, v read from here
 };
 
 // k (B, Hk, S, E) -> kt (B * Hk, nkb, E, kBN): key block j transposed, columns past S zero.
@@ -303,20 +452,34 @@ void fwd_kernel(const FwdArgs<T>& a) {
   const Geometry& g = a.g;
   const int64_t nqb = ceil_div(g.L, kBM), nkb = ceil_div(g.S, kBN);
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const Bf16Operands* bf = nullptr;
+  if constexpr (std::is_same_v<T, float>) bf = a.bf16;
+  const int64_t K2 = bf ? bf->K2 : 0;
   at::parallel_for(0, g.B * g.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(kBM * kBN), acc(kBM * g.Ev), m(kBM), l(kBM), keep(kBN);
+    std::vector<uint32_t> qpairs(bf ? kBM * K2 : 0);  // the query tile as A of q k^T (bf16 pairs)
+    std::vector<uint16_t> pbuf(bf ? kBM * kBN : 0);    // the probabilities in bf16, as A of p v
     for (const auto t : c10::irange(begin, end)) {
       const int64_t b = t / (g.Hq * nqb), h = (t / nqb) % g.Hq, i0 = (t % nqb) * kBM;
       const int64_t M = std::min(kBM, g.L - i0), hk = h / g.G;
-      const T* qp = a.q.at(b, h, i0);
+      const T* qp = bf ? nullptr : a.q.at(b, h, i0);
+      for (int64_t r = 0; r < (bf ? M : 0); ++r) {
+        const c10::BFloat16* row = bf->q.at(b, h, i0 + r);
+        for (int64_t e2 = 0; e2 < K2; ++e2) {
+          qpairs[r * K2 + e2] = bf16_pair(row[2 * e2], 2 * e2 + 1 < g.E ? row[2 * e2 + 1] : c10::BFloat16(0.0f));
+        }
+      }
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), T(0));
       const int64_t nkb_vis = a.causal ? std::min(nkb, (i0 + M - 1) / kBN + 1) : nkb;
       for (const auto jb : c10::irange(nkb_vis)) {
         const int64_t j0 = jb * kBN, n = std::min(kBN, g.S - j0), npad = ceil_div(n, W) * W;
-        const T* ktb = a.kt + ((b * g.Hk + hk) * nkb + jb) * g.E * kBN;
-        gemm<T, false>(M, npad, g.E, qp, a.q.s2, 1, ktb, kBN, sbuf.data(), kBN);
+        const int64_t block = (b * g.Hk + hk) * nkb + jb;
+        if constexpr (std::is_same_v<T, float>) {
+          if (bf) bf16_gemm(M, npad, K2, qpairs.data(), K2, bf->kt + block * K2 * kBN, kBN, sbuf.data(), kBN, false);
+        }
+        if (!bf) gemm<T, false>(M, npad, g.E, qp, a.q.s2, 1, a.kt + block * g.E * kBN, kBN, sbuf.data(), kBN);
         for (const auto r : c10::irange(M)) {
           const int64_t i = i0 + r;
           T* s = sbuf.data() + r * kBN;
@@ -348,7 +511,15 @@ void fwd_kernel(const FwdArgs<T>& a) {
             for (int64_t j = 0; j < n; ++j) s[j] *= keep[j];
           }
         }
-        gemm<T, true>(M, g.Ev, n, sbuf.data(), kBN, 1, a.v.at(b, hk, j0), a.v.s2, acc.data(), g.Ev);
+        if constexpr (std::is_same_v<T, float>) {
+          if (bf) {
+            const int64_t n2 = (n + 1) / 2;  // pairs of keys
+            for (const auto r : c10::irange(M)) to_bf16(sbuf.data() + r * kBN, n, 2 * n2, pbuf.data() + r * kBN);
+            bf16_gemm(M, g.Ev, n2, reinterpret_cast<const uint32_t*>(pbuf.data()), kBN / 2,
+                      bf->v + block * (kBN / 2) * g.Ev, g.Ev, acc.data(), g.Ev, true);
+          }
+        }
+        if (!bf) gemm<T, true>(M, g.Ev, n, sbuf.data(), kBN, 1, a.v.at(b, hk, j0), a.v.s2, acc.data(), g.Ev);
       }
       for (const auto r : c10::irange(M)) {
         const int64_t row = (b * g.Hq + h) * g.L + i0 + r;
@@ -532,6 +703,8 @@ void check_dropout(double p) {
 
 }  // namespace
 
+bool sdpa_bf16_dot() { return bf16_dot_enabled(); }
+
 std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale,
                                             double dropout_p, int64_t seed, int64_t offset) {
@@ -541,7 +714,22 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
   const auto acc = acc_type(q);
   at::Tensor out = at::empty({g.B, g.Hq, g.L, g.Ev}, q.options().dtype(acc));
   at::Tensor lse = at::empty({g.B, g.Hq, g.L}, q.options().dtype(acc));
-  if (g.B * g.Hq * g.L > 0) {
+  if (g.B * g.Hq * g.L > 0 && q.scalar_type() == at::kBFloat16 && bf16_dot_enabled()) {
+    const int64_t K2 = (g.E + 1) / 2, nkb = ceil_div(g.S, kBN);
+    const auto words = q.options().dtype(at::kInt);
+    at::Tensor kt = at::empty({g.B * g.Hk * nkb * K2 * kBN}, words);
+    at::Tensor vp = at::empty({g.B * g.Hk * nkb * (kBN / 2) * g.Ev}, words);
+    auto* kt_words = reinterpret_cast<uint32_t*>(kt.data_ptr<int32_t>());
+    auto* v_words = reinterpret_cast<uint32_t*>(vp.data_ptr<int32_t>());
+    pack_bf16_kv(view4<const c10::BFloat16>(k), view4<const c10::BFloat16>(v), g, K2, kt_words, v_words);
+    const Bf16Operands bf{view4<const c10::BFloat16>(q), K2, kt_words, v_words};
+    FwdArgs<float> args{g, {}, nullptr, {}, view4<const float>(mask), is_causal, static_cast<float>(scale),
+                        dropout_p > 0.0, static_cast<float>(dropout_p),
+                        dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.0f,
+                        static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), out.data_ptr<float>(),
+                        lse.data_ptr<float>(), &bf};
+    fwd_kernel<float>(args);
+  } else if (g.B * g.Hq * g.L > 0) {
     const at::Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v);
     AT_DISPATCH_FLOATING_TYPES(acc, "sdpa_fwd_cpu", [&] {
       using T = scalar_t;
