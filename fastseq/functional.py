@@ -151,11 +151,12 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
     """y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias over the last len(normalized_shape) dims
     (biased variance), as torch.nn.functional.layer_norm."""
     shape = [normalized_shape] if type(normalized_shape) is int else normalized_shape
-    if type(shape) in (list, tuple):  # the common forms, taken as they are (one C++ call where it can run)
-        y = ops.layer_norm.eager_cxx(input, shape, weight, bias, eps)
-        if y is not None:
-            return y
-    shape = [normalized_shape] if isinstance(normalized_shape, numbers.Integral) else list(normalized_shape)
+    if type(shape) not in (list, tuple):  # the common forms are taken as they are
+        shape = [normalized_shape] if isinstance(normalized_shape, numbers.Integral) else list(normalized_shape)
+    y = ops.layer_norm.eager_cxx(input, shape, weight, bias, eps)  # one C++ call where it can run
+    if y is not None:
+        return y
+    shape = list(shape)
     if _fast_checks_pass("layer_norm_args_ok", input, shape, weight, bias):
         return ops.layer_norm.apply(input, shape, weight, bias, float(eps))
     _check_floating(input, "input")

@@ -10,9 +10,12 @@ import torch
 
 
 def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
-                   non_differentiable: tuple[int, ...] = ()) -> type[torch.autograd.Function]:
+                   non_differentiable: tuple[int, ...] = (), inference: Callable | None = None
+                   ) -> type[torch.autograd.Function]:
     """An autograd.Function running `forward` (the custom op's implementation) with the custom op's autograd
-    formula; outputs at the indices `non_differentiable` (saved statistics, workspaces) are marked so."""
+    formula; outputs at the indices `non_differentiable` (saved statistics, workspaces) are marked so. `inference`
+    (default: `forward`) is what `call` runs when nothing needs grad: forward's outputs, of which those only a
+    backward reads may be left empty."""
 
     def fwd(ctx, *args):
         ctx.fastseq_eager = True
@@ -22,7 +25,7 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
         return output
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward),
-                                                   "implementation": staticmethod(forward)})
+                                                   "implementation": staticmethod(inference or forward)})
 
 
 def needs_grad(*args) -> bool:

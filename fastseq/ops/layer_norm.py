@@ -138,7 +138,6 @@ def eager_cxx(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bia
 
 
 def apply(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """The normalised output (the op's first result) of checked arguments, through the fastest path for the
-    current mode."""
-    y = eager_cxx(x, normalized_shape, weight, bias, eps)
-    return call(layer_norm, _LayerNormFunction, x, normalized_shape, weight, bias, eps)[0] if y is None else y
+    """The normalised output (the op's first result) of checked arguments where eager_cxx does not take the call:
+    the custom op under torch.compile, else its eager autograd.Function."""
+    return call(layer_norm, _LayerNormFunction, x, normalized_shape, weight, bias, eps)[0]

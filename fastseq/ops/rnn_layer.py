@@ -176,7 +176,8 @@ def _backward_with(backward_op):
 
 rnn_layer.register_autograd(_backward_with(rnn_layer_backward), setup_context=_setup_context)
 _RNNLayerFunction = eager_function("RNNLayerFunction", _forward, _setup_context, _backward_with(_backward_impl),
-                                   non_differentiable=(3, 4, 5, 6))
+                                   non_differentiable=(3, 4, 5, 6),
+                                   inference=lambda *args: _run(*args, need_saved=False))
 
 
 # ---- oneDNN's LSTM primitive ----
@@ -252,9 +253,6 @@ def apply(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_h
           batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """y, h_n, c_n (None unless the mode has a cell state) of one layer direction, through the fastest path for the
     current mode."""
-    args = (mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes)
-    if torch.compiler.is_compiling() or needs_grad(*args):
-        y, h_n, c_n, *_ = call(rnn_layer, _RNNLayerFunction, *args)
-    else:  # no backward follows: nothing saved for one
-        y, h_n, c_n, *_ = _run(*args, need_saved=False)
+    y, h_n, c_n, *_ = call(rnn_layer, _RNNLayerFunction, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
+                           reverse, batch_sizes)
     return y, h_n, c_n if modes.mode(mode).cell else None
