@@ -454,7 +454,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "dq, dk, dv, dscores = sdpa_bwd(dout, q, k, v, out, lse, attn_mask?, is_causal, scale, dropout_p, seed, offset, need_dmask)");
 
   m.def("sdpa_cpu_bf16_dot", &fastseq::cpu::sdpa_bf16_dot,
-        "whether the CPU attention forward of bfloat16 inputs runs on bf16 dot products (AVX512_BF16)");
+        "whether the CPU attention of bfloat16 inputs (forward and backward) runs on bf16 dot products (AVX512_BF16)");
 #ifdef WITH_CUDA
   m.def("sdpa_cuda_unsupported", [](const at::Tensor& q, const at::Tensor& v, double dropout_p) -> OptString {
     const std::string why = fastseq::cuda::sdpa_unsupported(q, v, dropout_p);

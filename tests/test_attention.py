@@ -162,16 +162,37 @@ def test_against_reference_and_torch(backend, device, dtype, case):
 @pytest.mark.skipif(not (backends.extension() and backends.extension().sdpa_cpu_bf16_dot()),
                     reason="a CPU with bf16 dot products (AVX512_BF16)")
 @pytest.mark.parametrize("dot", ["1", "0"])
-def test_cpu_bfloat16_forward_on_bf16_dot_products_or_widened(monkeypatch, dot):
-    """Where the CPU has bf16 dot products the forward of bfloat16 inputs runs on them (FASTSEQ_CPU_BF16_DOT=0 keeps
-    the float32 path): either way every output and gradient is within 2x torch's error of the float64 reference
-    (odd head dims and lengths, a mask, causal, GQA)."""
+def test_cpu_bfloat16_on_bf16_dot_products_or_widened(monkeypatch, dot):
+    """Where the CPU has bf16 dot products the forward and backward of bfloat16 inputs run on them
+    (FASTSEQ_CPU_BF16_DOT=0 keeps the float32 path): either way every output and gradient is within 2x torch's error
+    of the float64 reference (odd head dims and lengths, a mask and its gradient, causal, GQA)."""
     monkeypatch.setenv("FASTSEQ_CPU_BF16_DOT", dot)
     assert backends.extension().sdpa_cpu_bf16_dot() == (dot == "1")
     for case in (CASES[5], CASES[6], CASES[7], CASES[11], CASES[18], CASES[-3]):
         _check("cpu", "cpu", torch.bfloat16, dataclasses.replace(case, q=case.q[:-1] + (case.q[-1] + 1,),
                                                                   k=case.k[:-1] + (case.k[-1] + 1,))
                if case.q[-1] % 2 == 0 and case.mask is None else case)
+
+
+@pytest.mark.skipif(not (backends.extension() and backends.extension().sdpa_cpu_bf16_dot()),
+                    reason="a CPU with bf16 dot products (AVX512_BF16)")
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_cpu_bfloat16_dropout_same_on_both_paths(monkeypatch, is_causal):
+    """With dropout (same seed) the bf16 dot products and the widened path drop the same elements forward and
+    backward: outputs and gradients agree to bf16 rounding (a gradient of a differently dropped element differs by
+    its whole size)."""
+    case = Case((2, 4, 67, 33), (2, 2, 131, 33), (2, 2, 131, 17), gqa=True, is_causal=is_causal)
+    results = []
+    for dot in ("1", "0"):
+        monkeypatch.setenv("FASTSEQ_CPU_BF16_DOT", dot)
+        q, k, v, _ = _tensors(case, torch.bfloat16, "cpu")
+        torch.manual_seed(3)
+        with on_backend("cpu"):
+            results.append(_fwd_bwd(F.scaled_dot_product_attention, q, k, v, None, dropout_p=0.3,
+                                    is_causal=is_causal, enable_gqa=True)[0])
+    for name, a, b in zip(["out", "dq", "dk", "dv"], *results):
+        err = (a.float() - b.float()).abs().max() / b.float().abs().max()
+        assert err < 2e-2, f"{name}: max difference {err:.3g} of the largest value"
 
 
 def test_long_sequence_cpu():

@@ -11,8 +11,8 @@
 // Work splits: forward over (b, h, query block); backward over (b, kv head, key chunk) -- a task owns dk and dv of its
 // key blocks and accumulates dq of all query rows into a partial buffer of its chunk (summed at the end).
 // Tiles are multiplied by a register-blocked at::vec kernel (6 rows x 2 vectors of accumulators). float32 and
-// float64 compute in their own type; bfloat16 is widened to float32 up front and narrowed at the end, except the
-// forward on a CPU with bf16 dot products (AVX512_BF16), which multiplies bf16 tiles into float32 (see bf16_gemm).
+// float64 compute in their own type; bfloat16 on a CPU with bf16 dot products (AVX512_BF16) multiplies bf16 tiles
+// into float32 (see bf16_gemm), elsewhere it is widened to float32 up front and narrowed at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -268,10 +268,10 @@ Vectorized<T> fast_exp(const Vectorized<T>& x) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // bfloat16 tile products on the CPU's bf16 dot products (vdpbf16ps: a pair of bf16 products added into a float32
-// lane), for the forward of bfloat16 inputs: q, k, v stay bf16 and the probabilities are rounded to bf16 for p v
-// (as torch's CPU kernel does), scores and the output accumulate in float32. Operands go in pairs along K, each
-// 32-bit word holding two bf16 (the lower one first): A (M, K2) words (a[r, 2k], a[r, 2k+1]), which is a bf16 row
-// read as words; B (K2, N) words (b[2k, n], b[2k+1, n]); zero padding past an odd K.
+// lane), for bfloat16 inputs: q, k, v and dout stay bf16, the probabilities and dS are rounded to bf16 for the
+// products they enter (as torch's CPU kernel does), every product accumulates in float32. Operands go in pairs
+// along K, each 32-bit word holding two bf16 (the lower one first): A (M, K2) words (a[r, 2k], a[r, 2k+1]) and B
+// (K2, N) words (b[2k, n], b[2k+1, n]), zero padding past an odd K; pack_bf16 lays q, k, v and dout out so.
 
 // Whether the bf16 products run: compiled in, the CPU has AVX512F/BW/VL and AVX512_BF16 with the OS saving their
 // state, and FASTSEQ_CPU_BF16_DOT is not 0 (which keeps the float32 path: widened inputs).
@@ -298,24 +298,27 @@ bool bf16_dot_enabled() {
 #ifdef FASTSEQ_BF16_DOT
 #define FASTSEQ_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// C (MR, nn) (+)= A (MR, K2) B (K2, nn) for nn <= 32 columns: two float32 vectors of accumulators per row, named
-// one by one (held in arrays, GCC kept them in memory across the loop: a third of the speed).
+inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : n > 0 ? (1u << n) - 1 : 0u); }
+
+// C (MR, nn) (+)= A (MR, K2) B (K2, nn) for nn <= 32 columns, A[r, k] at a[r * rs + k * cs]: two float32 vectors of
+// accumulators per row, named one by one (held in arrays, GCC kept them in memory across the loop: a third of the
+// speed).
 template <int MR>
-FASTSEQ_BF16_TARGET void bf16_micro(int64_t K2, const uint32_t* __restrict a, int64_t lda,
+FASTSEQ_BF16_TARGET void bf16_micro(int64_t K2, const uint32_t* __restrict a, int64_t rs, int64_t cs,
                                     const uint32_t* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc,
                                     int nn, bool accumulate) {
   static_assert(MR >= 1 && MR <= 6, "rows 1 to 6");
-  const auto m0 = static_cast<__mmask16>(nn >= 16 ? 0xFFFFu : (1u << nn) - 1);
-  const auto m1 = static_cast<__mmask16>(nn >= 32 ? 0xFFFFu : nn > 16 ? (1u << (nn - 16)) - 1 : 0u);
+  const __mmask16 m0 = lanes(nn), m1 = lanes(nn - 16);
   __m512 x0 = _mm512_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0;
   __m512 y0 = x0, y1 = x0, y2 = x0, y3 = x0, y4 = x0, y5 = x0;
-  const uint32_t *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  const uint32_t *a0 = a, *a1 = a + rs, *a2 = a + 2 * rs, *a3 = a + 3 * rs, *a4 = a + 4 * rs, *a5 = a + 5 * rs;
   for (int64_t k = 0; k < K2; ++k) {
     const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, b + k * ldb);
     const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, b + k * ldb + 16);
+    const int64_t ka = k * cs;
 #define FASTSEQ_ROW(r)                                                               \
   if constexpr (MR > r) {                                                            \
-    const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a##r[k]));     \
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a##r[ka]));    \
     x##r = _mm512_dpbf16_ps(x##r, av, b0);                                           \
     y##r = _mm512_dpbf16_ps(y##r, av, b1);                                           \
   }
@@ -336,75 +339,126 @@ FASTSEQ_BF16_TARGET void bf16_micro(int64_t K2, const uint32_t* __restrict a, in
 #undef FASTSEQ_OUT
 }
 
-// C (M, N) (+)= A (M, K2) B (K2, N), pairs as above; lda, ldb in words.
-void bf16_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
-               float* c, int64_t ldc, bool accumulate) {
-  using Micro = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, int, bool);
+// C (M, N) (+)= A (M, K2) B (K2, N) in pairs as above: A[r, k] at a[r * rs + k * cs] (so A may be a transposed
+// operand), B row-major with leading dim ldb; strides in words.
+void bf16_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* a, int64_t rs, int64_t cs, const uint32_t* b,
+               int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  using Micro = void (*)(int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, float*, int64_t, int,
+                         bool);
   static constexpr Micro table[kMR] = {&bf16_micro<1>, &bf16_micro<2>, &bf16_micro<3>,
                                        &bf16_micro<4>, &bf16_micro<5>, &bf16_micro<6>};
   for (int64_t n0 = 0; n0 < N; n0 += 32) {
     const int nn = static_cast<int>(std::min<int64_t>(32, N - n0));
     for (int64_t m0 = 0; m0 < M; m0 += kMR) {
       const int64_t mr = std::min<int64_t>(kMR, M - m0);
-      table[mr - 1](K2, a + m0 * lda, lda, b + n0, ldb, c + m0 * ldc + n0, ldc, nn, accumulate);
+      table[mr - 1](K2, a + m0 * rs, rs, cs, b + n0, ldb, c + m0 * ldc + n0, ldc, nn, accumulate);
     }
   }
 }
 
 // out[j] = bf16(x[j]) for j < n (round to nearest even), zero for n <= j < npad (npad even).
 FASTSEQ_BF16_TARGET void to_bf16(const float* x, int64_t n, int64_t npad, uint16_t* out) {
-  int64_t j = 0;
-  for (; j < n; j += 16) {
-    const auto m = static_cast<__mmask16>(n - j >= 16 ? 0xFFFFu : (1u << (n - j)) - 1);
-    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + j));
-    _mm256_mask_storeu_epi16(out + j, m, (__m256i)h);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes(n - j), x + j));
+    _mm256_mask_storeu_epi16(out + j, lanes(n - j), (__m256i)h);
   }
-  for (j = n; j < npad; ++j) out[j] = 0;
+  for (int64_t j = n; j < npad; ++j) out[j] = 0;
+}
+
+// Two rows as pairs: out[j] = (bf16(x0[j]), bf16(x1[j])) for j < n, the upper half zero where x1 is null.
+FASTSEQ_BF16_TARGET void to_bf16_pairs(const float* x0, const float* x1, int64_t n, uint32_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes(n - j);
+    __m512i w = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x0 + j)));
+    if (x1) {
+      const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x1 + j)));
+      w = _mm512_or_si512(w, _mm512_slli_epi32(hi, 16));
+    }
+    _mm512_mask_storeu_epi32(out + j, m, w);
+  }
 }
 #else
-void bf16_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, bool) {
+void bf16_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, float*,
+               int64_t, bool) {
   TORCH_CHECK(false, "sdpa (cpu): built without bf16 dot products");
 }
 void to_bf16(const float*, int64_t, int64_t, uint16_t*) { TORCH_CHECK(false, "sdpa (cpu): built without bf16"); }
+void to_bf16_pairs(const float*, const float*, int64_t, uint32_t*) {
+  TORCH_CHECK(false, "sdpa (cpu): built without bf16");
+}
 #endif
 
-uint32_t bf16_pair(c10::BFloat16 lo, c10::BFloat16 hi) { return uint32_t(lo.x) | (uint32_t(hi.x) << 16); }
+using BF16 = c10::BFloat16;
+uint32_t bf16_pair(BF16 lo, BF16 hi) { return uint32_t(lo.x) | (uint32_t(hi.x) << 16); }
 
-// The bf16 operands of a forward: k of key block j as B of q k^T, (K2 = ceil(E/2), kBN) words; v of key block j
-// as B of p v, (kBN / 2, Ev) words; zero past S and E.
-struct Bf16Operands {
-  View4<const c10::BFloat16> q;
-  int64_t K2;
-  const uint32_t* kt;  // (B * Hk, nkb, K2, kBN)
-  const uint32_t* v;   // (B * Hk, nkb, kBN / 2, Ev)
+// The layouts of bf16 operands, for x (B, H, R, D) with a unit stride in D; each runs over (b, h, block of kBN rows).
+enum class Pairs {
+  kAlongD,     // (B * H, R, ceil(D / 2)): rows as pairs along D (the A operand of a product over D)
+  kAlongRows,  // (B * H, ceil(R / kBN) * kBN / 2, D): pairs of rows (the B operand of a product over R)
+  kBlocksT,    // (B * H, ceil(R / kBN), ceil(D / 2), kBN): each block of kBN rows transposed, pairs along D (the B
+               //   operand of a product over D whose columns are rows of x)
 };
 
-void pack_bf16_kv(const View4<const c10::BFloat16>& k, const View4<const c10::BFloat16>& v, const Geometry& g,
-                  int64_t K2, uint32_t* kt, uint32_t* vp) {
-  const int64_t nkb = ceil_div(g.S, kBN);
-  const c10::BFloat16 zero(0.0f);
-  at::parallel_for(0, g.B * g.Hk * nkb, 1, [&](int64_t begin, int64_t end) {
+// x packed in the given layout (int32 words), zero past R and D (the padding of every layout).
+at::Tensor pack_bf16(const at::Tensor& x_, Pairs layout) {
+  const int64_t B = x_.size(0), H = x_.size(1), R = x_.size(2), D = x_.size(3);
+  const int64_t nb = ceil_div(R, kBN), D2 = (D + 1) / 2;
+  const int64_t size = layout == Pairs::kAlongD      ? B * H * R * D2
+                       : layout == Pairs::kAlongRows ? B * H * nb * kBN / 2 * D
+                                                     : B * H * nb * D2 * kBN;
+  at::Tensor packed = at::empty({size}, x_.options().dtype(at::kInt));
+  uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  const View4<const BF16> x = view4<const BF16>(x_);
+  const BF16 zero(0.0f);
+  at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     for (const auto t : c10::irange(begin, end)) {
-      const int64_t bh = t / nkb, jb = t % nkb, b = bh / g.Hk, h = bh % g.Hk;
-      const int64_t j0 = jb * kBN, n = std::min(kBN, g.S - j0);
-      uint32_t* kd = kt + t * K2 * kBN;
-      std::fill(kd, kd + K2 * kBN, 0u);
-      for (const auto j : c10::irange(n)) {
-        const c10::BFloat16* row = k.at(b, h, j0 + j);
-        for (int64_t e2 = 0; e2 < K2; ++e2) {
-          kd[e2 * kBN + j] = bf16_pair(row[2 * e2 * k.s3], 2 * e2 + 1 < g.E ? row[(2 * e2 + 1) * k.s3] : zero);
+      const int64_t bh = t / nb, r0 = (t % nb) * kBN, n = std::min(kBN, R - r0);
+      const BF16* base = x.at(bh / H, bh % H, r0);
+      auto row = [&](int64_t r) { return r < n ? base + r * x.s2 : nullptr; };
+      if (layout == Pairs::kAlongD) {
+        uint32_t* o = out + (bh * R + r0) * D2;
+        for (const auto r : c10::irange(n)) {
+          for (const auto d2 : c10::irange(D2)) {
+            o[r * D2 + d2] = bf16_pair(row(r)[2 * d2], 2 * d2 + 1 < D ? row(r)[2 * d2 + 1] : zero);
+          }
         }
-      }
-      uint32_t* vd = vp + t * (kBN / 2) * g.Ev;
-      std::fill(vd, vd + (kBN / 2) * g.Ev, 0u);
-      for (int64_t j = 0; j < n; j += 2) {
-        const c10::BFloat16* r0 = v.at(b, h, j0 + j);
-        const c10::BFloat16* r1 = j + 1 < n ? v.at(b, h, j0 + j + 1) : nullptr;
-        for (const auto e : c10::irange(g.Ev)) vd[(j / 2) * g.Ev + e] = bf16_pair(r0[e * v.s3], r1 ? r1[e * v.s3] : zero);
+      } else if (layout == Pairs::kAlongRows) {
+        uint32_t* o = out + (bh * nb * kBN + r0) / 2 * D;
+        for (int64_t r = 0; r < kBN; r += 2) {
+          const BF16 *x0 = row(r), *x1 = row(r + 1);
+          for (const auto d : c10::irange(D)) o[r / 2 * D + d] = bf16_pair(x0 ? x0[d] : zero, x1 ? x1[d] : zero);
+        }
+      } else {
+        uint32_t* o = out + t * D2 * kBN;
+        std::fill(o, o + D2 * kBN, 0u);
+        for (const auto r : c10::irange(n)) {
+          for (const auto d2 : c10::irange(D2)) {
+            o[d2 * kBN + r] = bf16_pair(row(r)[2 * d2], 2 * d2 + 1 < D ? row(r)[2 * d2 + 1] : zero);
+          }
+        }
       }
     }
   });
+  return packed;
 }
+
+const uint32_t* words(const at::Tensor& packed) {
+  return reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+}
+
+// The bf16 operands of a forward and backward, packed once per call; K2 = ceil(E / 2), V2 = ceil(Ev / 2), keys
+// padded to whole blocks (Sp = nkb * kBN), query rows to whole blocks (Lp = nqb * kBM).
+struct Bf16Operands {
+  int64_t K2, V2;
+  const uint32_t* q;          // (B * Hq, L, K2)       kAlongD: A of q k^T
+  const uint32_t* kt;         // (B * Hk, nkb, K2, kBN) kBlocksT: B of q k^T
+  const uint32_t* v;          // (B * Hk, Sp / 2, Ev)  kAlongRows: B of p v (forward)
+  const uint32_t* vt;         // (B * Hk, nkb, V2, kBN) kBlocksT: B of dout v^T (backward)
+  const uint32_t* k;          // (B * Hk, Sp / 2, E)   kAlongRows: B of dS k (backward)
+  const uint32_t* dout;       // (B * Hq, L, V2)       kAlongD: A of dout v^T (backward)
+  const uint32_t* q_rows;     // (B * Hq, Lp / 2, E)   kAlongRows: B of dS^T q (backward)
+  const uint32_t* dout_rows;  // (B * Hq, Lp / 2, Ev)  kAlongRows: B of p^T dout (backward)
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward.
@@ -457,18 +511,12 @@ void fwd_kernel(const FwdArgs<T>& a) {
   const int64_t K2 = bf ? bf->K2 : 0;
   at::parallel_for(0, g.B * g.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(kBM * kBN), acc(kBM * g.Ev), m(kBM), l(kBM), keep(kBN);
-    std::vector<uint32_t> qpairs(bf ? kBM * K2 : 0);  // the query tile as A of q k^T (bf16 pairs)
-    std::vector<uint16_t> pbuf(bf ? kBM * kBN : 0);    // the probabilities in bf16, as A of p v
+    std::vector<uint16_t> pbuf(bf ? kBM * kBN : 0);  // the probabilities in bf16, as A of p v
     for (const auto t : c10::irange(begin, end)) {
       const int64_t b = t / (g.Hq * nqb), h = (t / nqb) % g.Hq, i0 = (t % nqb) * kBM;
       const int64_t M = std::min(kBM, g.L - i0), hk = h / g.G;
       const T* qp = bf ? nullptr : a.q.at(b, h, i0);
-      for (int64_t r = 0; r < (bf ? M : 0); ++r) {
-        const c10::BFloat16* row = bf->q.at(b, h, i0 + r);
-        for (int64_t e2 = 0; e2 < K2; ++e2) {
-          qpairs[r * K2 + e2] = bf16_pair(row[2 * e2], 2 * e2 + 1 < g.E ? row[2 * e2 + 1] : c10::BFloat16(0.0f));
-        }
-      }
+      const int64_t row0 = (b * g.Hq + h) * g.L + i0;
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), T(0));
@@ -477,7 +525,8 @@ void fwd_kernel(const FwdArgs<T>& a) {
         const int64_t j0 = jb * kBN, n = std::min(kBN, g.S - j0), npad = ceil_div(n, W) * W;
         const int64_t block = (b * g.Hk + hk) * nkb + jb;
         if constexpr (std::is_same_v<T, float>) {
-          if (bf) bf16_gemm(M, npad, K2, qpairs.data(), K2, bf->kt + block * K2 * kBN, kBN, sbuf.data(), kBN, false);
+          if (bf) bf16_gemm(M, npad, K2, bf->q + row0 * K2, K2, 1, bf->kt + block * K2 * kBN, kBN, sbuf.data(), kBN,
+                            false);
         }
         if (!bf) gemm<T, false>(M, npad, g.E, qp, a.q.s2, 1, a.kt + block * g.E * kBN, kBN, sbuf.data(), kBN);
         for (const auto r : c10::irange(M)) {
@@ -515,7 +564,7 @@ void fwd_kernel(const FwdArgs<T>& a) {
           if (bf) {
             const int64_t n2 = (n + 1) / 2;  // pairs of keys
             for (const auto r : c10::irange(M)) to_bf16(sbuf.data() + r * kBN, n, 2 * n2, pbuf.data() + r * kBN);
-            bf16_gemm(M, g.Ev, n2, reinterpret_cast<const uint32_t*>(pbuf.data()), kBN / 2,
+            bf16_gemm(M, g.Ev, n2, reinterpret_cast<const uint32_t*>(pbuf.data()), kBN / 2, 1,
                       bf->v + block * (kBN / 2) * g.Ev, g.Ev, acc.data(), g.Ev, true);
           }
         }
@@ -555,6 +604,7 @@ struct BwdArgs {
   T* dk;                   // (B, Hk, S, E) contiguous
   T* dv;                   // (B, Hk, S, Ev) contiguous
   T* dmask;                // (B, Hq, L, S) zero-filled, or null
+  const Bf16Operands* bf16 = nullptr;  // bfloat16 inputs on bf16 dot products (T = float): q, k, v, dout read here
 };
 
 template <typename T>
@@ -564,16 +614,23 @@ void bwd_kernel(const BwdArgs<T>& a) {
   const Geometry& g = a.g;
   const int64_t nqb = ceil_div(g.L, kBM), nkb = ceil_div(g.S, kBN), C = a.chunks;
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const Bf16Operands* bf = nullptr;
+  if constexpr (std::is_same_v<T, float>) bf = a.bf16;
+  const int64_t K2 = bf ? bf->K2 : 0, V2 = bf ? bf->V2 : 0, Lp2 = ceil_div(g.L, kBN) * kBN / 2;
   at::parallel_for(0, g.B * g.Hk * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(g.E * kBN), vt(g.Ev * kBN), pbuf(kBM * kBN), dsbuf(kBM * kBN), dk_acc(kBN * g.E),
-        dv_acc(kBN * g.Ev), keep(kBN);
+    std::vector<T> kt(bf ? 0 : g.E * kBN), vt(bf ? 0 : g.Ev * kBN), pbuf(kBM * kBN), dsbuf(kBM * kBN),
+        dk_acc(kBN * g.E), dv_acc(kBN * g.Ev), keep(kBN);
+    // bf16 path: P and dS as pairs of query rows (A of p^T dout, dS^T q), dS as bf16 rows (A of dS k)
+    std::vector<uint32_t> p_pairs(bf ? kBM / 2 * kBN : 0), ds_pairs(bf ? kBM / 2 * kBN : 0);
+    std::vector<uint16_t> ds_bf16(bf ? kBM * kBN : 0);
     for (const auto t : c10::irange(begin, end)) {
       const int64_t b = t / (g.Hk * C), hk = (t / C) % g.Hk, c = t % C;
       for (int64_t jb = c; jb < nkb; jb += C) {
         const int64_t j0 = jb * kBN, n = std::min(kBN, g.S - j0), npad = ceil_div(n, W) * W;
+        const int64_t block = (b * g.Hk + hk) * nkb + jb;
         std::fill(kt.begin(), kt.end(), T(0));
         std::fill(vt.begin(), vt.end(), T(0));
-        for (const auto j : c10::irange(n)) {
+        for (int64_t j = 0; j < (bf ? 0 : n); ++j) {
           const T* kr = a.k.at(b, hk, j0 + j);
           const T* vr = a.v.at(b, hk, j0 + j);
           for (const auto e : c10::irange(g.E)) kt[e * kBN + j] = kr[e];
@@ -581,16 +638,20 @@ void bwd_kernel(const BwdArgs<T>& a) {
         }
         std::fill(dk_acc.begin(), dk_acc.end(), T(0));
         std::fill(dv_acc.begin(), dv_acc.end(), T(0));
-        const T* kp = a.k.at(b, hk, j0);
+        const T* kp = bf ? nullptr : a.k.at(b, hk, j0);
         for (int64_t h = hk * g.G; h < (hk + 1) * g.G; ++h) {
           for (int64_t ib = a.causal ? j0 / kBM : 0; ib < nqb; ++ib) {
             const int64_t i0 = ib * kBM, M = std::min(kBM, g.L - i0);
             const int64_t row0 = (b * g.Hq + h) * g.L + i0;
-            const T* qp = a.q.at(b, h, i0);
-            const T* dop = a.dout.at(b, h, i0);
+            const T* qp = bf ? nullptr : a.q.at(b, h, i0);
+            const T* dop = bf ? nullptr : a.dout.at(b, h, i0);
             T* dqp = a.dq_part + (c * g.B * g.Hq * g.L + row0) * g.E;
             // P = exp(s - lse)
-            gemm<T, false>(M, npad, g.E, qp, a.q.s2, 1, kt.data(), kBN, pbuf.data(), kBN);
+            if constexpr (std::is_same_v<T, float>) {
+              if (bf) bf16_gemm(M, npad, K2, bf->q + row0 * K2, K2, 1, bf->kt + block * K2 * kBN, kBN, pbuf.data(),
+                                kBN, false);
+            }
+            if (!bf) gemm<T, false>(M, npad, g.E, qp, a.q.s2, 1, kt.data(), kBN, pbuf.data(), kBN);
             for (const auto r : c10::irange(M)) {
               const int64_t i = i0 + r;
               T* s = pbuf.data() + r * kBN;
@@ -605,7 +666,11 @@ void bwd_kernel(const BwdArgs<T>& a) {
               for (int64_t j = 0; j < npad; j += W) fast_exp<T>(V::loadu(s + j) - vl).store(s + j);
             }
             // dP = dout v^T; dS = P * (drop(dP) - D); P <- drop(P)
-            gemm<T, false>(M, npad, g.Ev, dop, a.dout.s2, 1, vt.data(), kBN, dsbuf.data(), kBN);
+            if constexpr (std::is_same_v<T, float>) {
+              if (bf) bf16_gemm(M, npad, V2, bf->dout + row0 * V2, V2, 1, bf->vt + block * V2 * kBN, kBN,
+                                dsbuf.data(), kBN, false);
+            }
+            if (!bf) gemm<T, false>(M, npad, g.Ev, dop, a.dout.s2, 1, vt.data(), kBN, dsbuf.data(), kBN);
             for (const auto r : c10::irange(M)) {
               T* pr = pbuf.data() + r * kBN;
               T* dr = dsbuf.data() + r * kBN;
@@ -626,9 +691,33 @@ void bwd_kernel(const BwdArgs<T>& a) {
               }
               if (a.dmask) std::copy(dr, dr + n, a.dmask + (row0 + r) * g.S + j0);
             }
-            gemm<T, true>(n, g.Ev, M, pbuf.data(), 1, kBN, dop, a.dout.s2, dv_acc.data(), g.Ev);
-            gemm<T, true>(n, g.E, M, dsbuf.data(), 1, kBN, qp, a.q.s2, dk_acc.data(), g.E);
-            gemm<T, true>(M, g.E, n, dsbuf.data(), kBN, 1, kp, a.k.s2, dqp, g.E);
+            // dv += drop(P)^T dout, dk += dS^T q, dq += dS k (both scaled at the end)
+            if constexpr (std::is_same_v<T, float>) {
+              if (bf) {
+                const int64_t M2 = (M + 1) / 2, n2 = (n + 1) / 2;
+                for (const auto r2 : c10::irange(M2)) {
+                  const bool odd = 2 * r2 + 1 < M;
+                  const float *p0 = pbuf.data() + 2 * r2 * kBN, *d0 = dsbuf.data() + 2 * r2 * kBN;
+                  to_bf16_pairs(p0, odd ? p0 + kBN : nullptr, n, p_pairs.data() + r2 * kBN);
+                  to_bf16_pairs(d0, odd ? d0 + kBN : nullptr, n, ds_pairs.data() + r2 * kBN);
+                }
+                for (const auto r : c10::irange(M)) {
+                  to_bf16(dsbuf.data() + r * kBN, n, 2 * n2, ds_bf16.data() + r * kBN);
+                }
+                const int64_t prow0 = (b * g.Hq + h) * Lp2 + i0 / 2;  // the tile's first pair of query rows
+                bf16_gemm(n, g.Ev, M2, p_pairs.data(), 1, kBN, bf->dout_rows + prow0 * g.Ev, g.Ev, dv_acc.data(),
+                          g.Ev, true);
+                bf16_gemm(n, g.E, M2, ds_pairs.data(), 1, kBN, bf->q_rows + prow0 * g.E, g.E, dk_acc.data(), g.E,
+                          true);
+                bf16_gemm(M, g.E, n2, reinterpret_cast<const uint32_t*>(ds_bf16.data()), kBN / 2, 1,
+                          bf->k + block * (kBN / 2) * g.E, g.E, dqp, g.E, true);
+              }
+            }
+            if (!bf) {
+              gemm<T, true>(n, g.Ev, M, pbuf.data(), 1, kBN, dop, a.dout.s2, dv_acc.data(), g.Ev);
+              gemm<T, true>(n, g.E, M, dsbuf.data(), 1, kBN, qp, a.q.s2, dk_acc.data(), g.E);
+              gemm<T, true>(M, g.E, n, dsbuf.data(), kBN, 1, kp, a.k.s2, dqp, g.E);
+            }
           }
         }
         const int64_t krow0 = (b * g.Hk + hk) * g.S + j0;
@@ -715,14 +804,9 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
   at::Tensor out = at::empty({g.B, g.Hq, g.L, g.Ev}, q.options().dtype(acc));
   at::Tensor lse = at::empty({g.B, g.Hq, g.L}, q.options().dtype(acc));
   if (g.B * g.Hq * g.L > 0 && q.scalar_type() == at::kBFloat16 && bf16_dot_enabled()) {
-    const int64_t K2 = (g.E + 1) / 2, nkb = ceil_div(g.S, kBN);
-    const auto words = q.options().dtype(at::kInt);
-    at::Tensor kt = at::empty({g.B * g.Hk * nkb * K2 * kBN}, words);
-    at::Tensor vp = at::empty({g.B * g.Hk * nkb * (kBN / 2) * g.Ev}, words);
-    auto* kt_words = reinterpret_cast<uint32_t*>(kt.data_ptr<int32_t>());
-    auto* v_words = reinterpret_cast<uint32_t*>(vp.data_ptr<int32_t>());
-    pack_bf16_kv(view4<const c10::BFloat16>(k), view4<const c10::BFloat16>(v), g, K2, kt_words, v_words);
-    const Bf16Operands bf{view4<const c10::BFloat16>(q), K2, kt_words, v_words};
+    const at::Tensor qe = pack_bf16(q, Pairs::kAlongD), kt = pack_bf16(k, Pairs::kBlocksT);
+    const at::Tensor vr = pack_bf16(v, Pairs::kAlongRows);
+    const Bf16Operands bf{(g.E + 1) / 2, 0, words(qe), words(kt), words(vr)};
     FwdArgs<float> args{g, {}, nullptr, {}, view4<const float>(mask), is_causal, static_cast<float>(scale),
                         dropout_p > 0.0, static_cast<float>(dropout_p),
                         dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.0f,
@@ -782,7 +866,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
   const int64_t bh = std::max<int64_t>(g.B * g.Hk, 1);
   const int64_t chunks = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), bh), 1, std::max<int64_t>(nkb, 1));
   at::Tensor dq_part = at::zeros({chunks, g.B, g.Hq, g.L, g.E}, opts);
-  if (g.B * g.Hq * g.L > 0 && g.S > 0) {
+  if (g.B * g.Hq * g.L > 0 && g.S > 0 && q.scalar_type() == at::kBFloat16 && bf16_dot_enabled()) {
+    const at::Tensor delta = (to_acc(dout) * to_acc(out)).sum(-1).contiguous();
+    const at::Tensor lse_c = lse.contiguous();
+    const at::Tensor qe = pack_bf16(q, Pairs::kAlongD), qr = pack_bf16(q, Pairs::kAlongRows);
+    const at::Tensor kt = pack_bf16(k, Pairs::kBlocksT), kr = pack_bf16(k, Pairs::kAlongRows);
+    const at::Tensor vt = pack_bf16(v, Pairs::kBlocksT);
+    const at::Tensor de = pack_bf16(dout, Pairs::kAlongD), dr = pack_bf16(dout, Pairs::kAlongRows);
+    Bf16Operands bf{(g.E + 1) / 2, (g.Ev + 1) / 2, words(qe), words(kt), nullptr, words(vt), words(kr), words(de),
+                    words(qr), words(dr)};
+    BwdArgs<float> args{g, {}, {}, {}, {}, lse_c.data_ptr<float>(), delta.data_ptr<float>(),
+                        view4<const float>(mask), is_causal, static_cast<float>(scale), dropout_p > 0.0,
+                        static_cast<float>(dropout_p),
+                        dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.0f,
+                        static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), chunks,
+                        dq_part.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+                        need_dmask ? dmask.data_ptr<float>() : nullptr, &bf};
+    bwd_kernel<float>(args);
+  } else if (g.B * g.Hq * g.L > 0 && g.S > 0) {
     const at::Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v), da = to_acc(dout);
     const at::Tensor delta = (da * to_acc(out)).sum(-1).contiguous();
     const at::Tensor lse_c = lse.contiguous();
