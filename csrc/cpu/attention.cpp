@@ -37,6 +37,7 @@
 #endif
 
 #include "attention.h"
+#include "cpu/memory.h"
 
 namespace fastseq::cpu {
 namespace {
@@ -406,7 +407,7 @@ at::Tensor pack_bf16(const at::Tensor& x_, Pairs layout) {
   const int64_t size = layout == Pairs::kAlongD      ? B * H * R * D2
                        : layout == Pairs::kAlongRows ? B * H * nb * kBN / 2 * D
                                                      : B * H * nb * D2 * kBN;
-  at::Tensor packed = at::empty({size}, x_.options().dtype(at::kInt));
+  at::Tensor packed = empty_output({size}, x_.options().dtype(at::kInt));
   uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
   const View4<const BF16> x = view4<const BF16>(x_);
   const BF16 zero(0.0f);
@@ -786,6 +787,11 @@ at::Tensor prepare_mask(const std::optional<at::Tensor>& attn_mask, const at::Te
 
 at::Tensor to_acc(const at::Tensor& t) { return t.scalar_type() == acc_type(t) ? t : t.to(acc_type(t)); }
 
+// t converted to dtype dt (an output: allocated as empty_output does)
+at::Tensor narrowed(const at::Tensor& t, at::ScalarType dt) {
+  return empty_output(t.sizes(), t.options().dtype(dt)).copy_(t);
+}
+
 void check_dropout(double p) {
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "sdpa (cpu): dropout_p must lie in [0, 1], got ", p);
 }
@@ -801,8 +807,8 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
   check_dropout(dropout_p);
   const at::Tensor mask = prepare_mask(attn_mask, q, g);
   const auto acc = acc_type(q);
-  at::Tensor out = at::empty({g.B, g.Hq, g.L, g.Ev}, q.options().dtype(acc));
-  at::Tensor lse = at::empty({g.B, g.Hq, g.L}, q.options().dtype(acc));
+  at::Tensor out = empty_output({g.B, g.Hq, g.L, g.Ev}, q.options().dtype(acc));
+  at::Tensor lse = empty_output({g.B, g.Hq, g.L}, q.options().dtype(acc));
   if (g.B * g.Hq * g.L > 0 && q.scalar_type() == at::kBFloat16 && bf16_dot_enabled()) {
     const at::Tensor qe = pack_bf16(q, Pairs::kAlongD), kt = pack_bf16(k, Pairs::kBlocksT);
     const at::Tensor vr = pack_bf16(v, Pairs::kAlongRows);
@@ -817,7 +823,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
     const at::Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v);
     AT_DISPATCH_FLOATING_TYPES(acc, "sdpa_fwd_cpu", [&] {
       using T = scalar_t;
-      at::Tensor kt = at::empty({g.B * g.Hk * ceil_div(g.S, kBN) * g.E * kBN}, q.options().dtype(acc));
+      at::Tensor kt = empty_output({g.B * g.Hk * ceil_div(g.S, kBN) * g.E * kBN}, q.options().dtype(acc));
       pack_kt<T>(view4<const T>(ka), g, kt.data_ptr<T>());
       FwdArgs<T> args{g,
                       view4<const T>(qa),
@@ -836,7 +842,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
       fwd_kernel<T>(args);
     });
   }
-  if (q.scalar_type() != acc) out = out.to(q.scalar_type());
+  if (q.scalar_type() != acc) out = narrowed(out, q.scalar_type());
   return {out, lse};
 }
 
@@ -858,14 +864,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
               lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
   const at::Tensor mask = prepare_mask(attn_mask, q, g);
   const auto opts = q.options().dtype(acc);
-  at::Tensor dk = at::zeros({g.B, g.Hk, g.S, g.E}, opts);
-  at::Tensor dv = at::zeros({g.B, g.Hk, g.S, g.Ev}, opts);
-  at::Tensor dmask = need_dmask ? at::zeros({g.B, g.Hq, g.L, g.S}, opts) : at::Tensor();
+  // the kernel writes every row of dk and dv; dq and dmask accumulate (dmask rows a causal mask skips stay 0)
+  at::Tensor dk = empty_output({g.B, g.Hk, g.S, g.E}, opts);
+  at::Tensor dv = empty_output({g.B, g.Hk, g.S, g.Ev}, opts);
+  at::Tensor dmask = need_dmask ? empty_output({g.B, g.Hq, g.L, g.S}, opts).zero_() : at::Tensor();
   const int64_t nkb = ceil_div(g.S, kBN);
   // enough tasks to keep every thread busy; each extra chunk costs one more dq-sized partial buffer
   const int64_t bh = std::max<int64_t>(g.B * g.Hk, 1);
   const int64_t chunks = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), bh), 1, std::max<int64_t>(nkb, 1));
-  at::Tensor dq_part = at::zeros({chunks, g.B, g.Hq, g.L, g.E}, opts);
+  at::Tensor dq_part = empty_output({chunks, g.B, g.Hq, g.L, g.E}, opts).zero_();
   if (g.B * g.Hq * g.L > 0 && g.S > 0 && q.scalar_type() == at::kBFloat16 && bf16_dot_enabled()) {
     const at::Tensor delta = (to_acc(dout) * to_acc(out)).sum(-1).contiguous();
     const at::Tensor lse_c = lse.contiguous();
@@ -912,13 +919,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
       bwd_kernel<T>(args);
     });
   }
-  at::Tensor dq = (chunks == 1 ? dq_part[0] : dq_part.sum(0)).mul_(scale);
-  const auto dt = q.scalar_type();
-  if (dt != acc) {
-    dq = dq.to(dt);
-    dk = dk.to(dt);
-    dv = dv.to(dt);
+  if (!(g.B * g.Hq * g.L > 0 && g.S > 0)) {
+    dk.zero_();
+    dv.zero_();
   }
+  at::Tensor dq = dq_part[0];
+  if (chunks > 1) at::sum_out(dq = empty_output({g.B, g.Hq, g.L, g.E}, opts), dq_part, 0);
+  dq.mul_(scale);
+  const auto dt = q.scalar_type();
+  if (dt != acc) return {narrowed(dq, dt), narrowed(dk, dt), narrowed(dv, dt), dmask};
   return {dq, dk, dv, dmask};
 }
 
