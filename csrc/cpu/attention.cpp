@@ -23,6 +23,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 #include <cstdlib>
@@ -49,6 +50,14 @@ constexpr int64_t kBN = 128;  // keys per tile (a multiple of 16: vector widths,
 constexpr int kMR = 6;       // rows of the register block
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Every buffer of a call (outputs, packed operands, partial sums) of at least 64 KiB comes from empty_output's
+// cache: a call allocates several of a few MiB and frees most of them on return, and the C library, handing them
+// back to the system, made the next call fault them in again (b=2 h=12 s=512 d=64 bf16 in a MultiheadAttention
+// forward: ~1700 page faults a call, where torch's attention has none).
+at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return empty_output(sizes, options, size_t(64) << 10);
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tile GEMM: C (M, N) (+)= A (M, K) B (K, N). A is read as a[r * rs + k * cs] (so a transposed operand costs
@@ -390,7 +399,6 @@ void to_bf16_pairs(const float*, const float*, int64_t, uint32_t*) {
 #endif
 
 using BF16 = c10::BFloat16;
-uint32_t bf16_pair(BF16 lo, BF16 hi) { return uint32_t(lo.x) | (uint32_t(hi.x) << 16); }
 
 // The layouts of bf16 operands, for x (B, H, R, D) with a unit stride in D; each runs over (b, h, block of kBN rows).
 enum class Pairs {
@@ -407,35 +415,61 @@ at::Tensor pack_bf16(const at::Tensor& x_, Pairs layout) {
   const int64_t size = layout == Pairs::kAlongD      ? B * H * R * D2
                        : layout == Pairs::kAlongRows ? B * H * nb * kBN / 2 * D
                                                      : B * H * nb * D2 * kBN;
-  at::Tensor packed = empty_output({size}, x_.options().dtype(at::kInt));
+  at::Tensor packed = buffer({size}, x_.options().dtype(at::kInt));
   uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
   const View4<const BF16> x = view4<const BF16>(x_);
-  const BF16 zero(0.0f);
+  // word d2 of a row: its elements 2 d2 and 2 d2 + 1 (the lower first; the upper zero past D), read as they lie
+  auto word = [D](const uint16_t* row, int64_t d2) -> uint32_t {
+    if (2 * d2 + 1 >= D) return row[2 * d2];
+    uint32_t w;
+    std::memcpy(&w, row + 2 * d2, sizeof(w));
+    return w;
+  };
   at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     for (const auto t : c10::irange(begin, end)) {
       const int64_t bh = t / nb, r0 = (t % nb) * kBN, n = std::min(kBN, R - r0);
-      const BF16* base = x.at(bh / H, bh % H, r0);
+      const auto* base = reinterpret_cast<const uint16_t*>(x.at(bh / H, bh % H, r0));
       auto row = [&](int64_t r) { return r < n ? base + r * x.s2 : nullptr; };
-      if (layout == Pairs::kAlongD) {
+      if (layout == Pairs::kAlongD) {  // a row's bytes as they lie, the upper half of an odd D's last word zero
         uint32_t* o = out + (bh * R + r0) * D2;
         for (const auto r : c10::irange(n)) {
-          for (const auto d2 : c10::irange(D2)) {
-            o[r * D2 + d2] = bf16_pair(row(r)[2 * d2], 2 * d2 + 1 < D ? row(r)[2 * d2 + 1] : zero);
-          }
+          std::memcpy(o + r * D2, row(r), (D / 2) * sizeof(uint32_t));
+          if (D % 2) o[r * D2 + D2 - 1] = row(r)[D - 1];
         }
-      } else if (layout == Pairs::kAlongRows) {
+      } else if (layout == Pairs::kAlongRows) {  // two rows interleaved
         uint32_t* o = out + (bh * nb * kBN + r0) / 2 * D;
-        for (int64_t r = 0; r < kBN; r += 2) {
-          const BF16 *x0 = row(r), *x1 = row(r + 1);
-          for (const auto d : c10::irange(D)) o[r / 2 * D + d] = bf16_pair(x0 ? x0[d] : zero, x1 ? x1[d] : zero);
+        for (int64_t r = 0; r < kBN; r += 2, o += D) {
+          const uint16_t *x0 = row(r), *x1 = row(r + 1);
+          int64_t d = 0;
+#if defined(__AVX2__)
+          for (; x1 && d + 16 <= D; d += 16) {
+            const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + d));
+            const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + d));
+            const __m256i lo = _mm256_unpacklo_epi16(a0, a1), hi = _mm256_unpackhi_epi16(a0, a1);  // per 128 bits
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), _mm256_permute2x128_si256(lo, hi, 0x20));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+          }
+#endif
+          for (; d < D; ++d) o[d] = (x0 ? x0[d] : 0u) | (x1 ? uint32_t(x1[d]) << 16 : 0u);
         }
-      } else {
+      } else {  // the (n, D2) words transposed, in 8 x 8 tiles of whole words where rows lie a whole word apart
         uint32_t* o = out + t * D2 * kBN;
         std::fill(o, o + D2 * kBN, 0u);
-        for (const auto r : c10::irange(n)) {
-          for (const auto d2 : c10::irange(D2)) {
-            o[d2 * kBN + r] = bf16_pair(row(r)[2 * d2], 2 * d2 + 1 < D ? row(r)[2 * d2 + 1] : zero);
+        int64_t r = 0;
+        if (x.s2 % 2 == 0) {
+          for (; r + 8 <= n; r += 8) {
+            int64_t d2 = 0;
+            for (; d2 + 8 <= D / 2; d2 += 8) {  // 32-bit moves only: the bits are copied, never computed on
+              at::vec::transpose_mxn<float, 8, 8>(reinterpret_cast<const float*>(row(r)) + d2, x.s2 / 2,
+                                                 reinterpret_cast<float*>(o + d2 * kBN + r), kBN);
+            }
+            for (; d2 < D2; ++d2) {
+              for (int64_t rr = r; rr < r + 8; ++rr) o[d2 * kBN + rr] = word(row(rr), d2);
+            }
           }
+        }
+        for (; r < n; ++r) {
+          for (const auto d2 : c10::irange(D2)) o[d2 * kBN + r] = word(row(r), d2);
         }
       }
     }
@@ -477,9 +511,10 @@ struct FwdArgs {
   float p;
   T rp;                    // 1 / (1 - p), 0 when p == 1
   uint64_t seed, offset;
-  T* out;                  // (B, Hq, L, Ev) contiguous
+  T* out;                  // (B, Hq, L, Ev) contiguous, or null where out_bf16 is set
   T* lse;                  // (B, Hq, L)
   const Bf16Operands* bf16 = nullptr;  // bfloat16 inputs on bf16 dot products (T = float): q, k, v read from here
+  c10::BFloat16* out_bf16 = nullptr;   // (B, Hq, L, Ev) contiguous: the output of bfloat16 inputs (T = float)
 };
 
 // k (B, Hk, S, E) -> kt (B * Hk, nkb, E, kBN): key block j transposed, columns past S zero.
@@ -573,10 +608,15 @@ void fwd_kernel(const FwdArgs<T>& a) {
       }
       for (const auto r : c10::irange(M)) {
         const int64_t row = (b * g.Hq + h) * g.L + i0 + r;
-        T* o = a.out + row * g.Ev;
         // l = 0: no visible key (out 0, lse -inf); l NaN: a NaN score (out and lse NaN, as torch gives)
         const T inv = l[r] == T(0) ? T(0) : T(1) / l[r];
-        at::vec::map([inv](V x) { return x * V(inv); }, o, acc.data() + r * g.Ev, g.Ev);
+        const T* o = acc.data() + r * g.Ev;
+        if (a.out_bf16) {
+          c10::BFloat16* ob = a.out_bf16 + row * g.Ev;
+          for (const auto e : c10::irange(g.Ev)) ob[e] = c10::BFloat16(static_cast<float>(o[e] * inv));
+        } else {
+          at::vec::map([inv](V x) { return x * V(inv); }, a.out + row * g.Ev, o, g.Ev);
+        }
         a.lse[row] = l[r] == T(0) ? neg_inf : m[r] + std::log(l[r]);
       }
     }
@@ -789,7 +829,7 @@ at::Tensor to_acc(const at::Tensor& t) { return t.scalar_type() == acc_type(t) ?
 
 // t converted to dtype dt (an output: allocated as empty_output does)
 at::Tensor narrowed(const at::Tensor& t, at::ScalarType dt) {
-  return empty_output(t.sizes(), t.options().dtype(dt)).copy_(t);
+  return buffer(t.sizes(), t.options().dtype(dt)).copy_(t);
 }
 
 void check_dropout(double p) {
@@ -807,8 +847,10 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
   check_dropout(dropout_p);
   const at::Tensor mask = prepare_mask(attn_mask, q, g);
   const auto acc = acc_type(q);
-  at::Tensor out = empty_output({g.B, g.Hq, g.L, g.Ev}, q.options().dtype(acc));
-  at::Tensor lse = empty_output({g.B, g.Hq, g.L}, q.options().dtype(acc));
+  // out in the inputs' dtype (a bfloat16 output written by the kernel), lse in the compute dtype
+  at::Tensor out = buffer({g.B, g.Hq, g.L, g.Ev}, q.options());
+  at::Tensor lse = buffer({g.B, g.Hq, g.L}, q.options().dtype(acc));
+  auto* out_bf16 = q.scalar_type() == at::kBFloat16 ? out.data_ptr<c10::BFloat16>() : nullptr;
   if (g.B * g.Hq * g.L > 0 && q.scalar_type() == at::kBFloat16 && bf16_dot_enabled()) {
     const at::Tensor qe = pack_bf16(q, Pairs::kAlongD), kt = pack_bf16(k, Pairs::kBlocksT);
     const at::Tensor vr = pack_bf16(v, Pairs::kAlongRows);
@@ -816,14 +858,14 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
     FwdArgs<float> args{g, {}, nullptr, {}, view4<const float>(mask), is_causal, static_cast<float>(scale),
                         dropout_p > 0.0, static_cast<float>(dropout_p),
                         dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.0f,
-                        static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), out.data_ptr<float>(),
-                        lse.data_ptr<float>(), &bf};
+                        static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), nullptr,
+                        lse.data_ptr<float>(), &bf, out_bf16};
     fwd_kernel<float>(args);
   } else if (g.B * g.Hq * g.L > 0) {
     const at::Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v);
     AT_DISPATCH_FLOATING_TYPES(acc, "sdpa_fwd_cpu", [&] {
       using T = scalar_t;
-      at::Tensor kt = empty_output({g.B * g.Hk * ceil_div(g.S, kBN) * g.E * kBN}, q.options().dtype(acc));
+      at::Tensor kt = buffer({g.B * g.Hk * ceil_div(g.S, kBN) * g.E * kBN}, q.options().dtype(acc));
       pack_kt<T>(view4<const T>(ka), g, kt.data_ptr<T>());
       FwdArgs<T> args{g,
                       view4<const T>(qa),
@@ -837,12 +879,12 @@ std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tenso
                       dropout_p < 1.0 ? static_cast<T>(1.0 / (1.0 - dropout_p)) : T(0),
                       static_cast<uint64_t>(seed),
                       static_cast<uint64_t>(offset),
-                      out.data_ptr<T>(),
+                      out_bf16 ? nullptr : out.data_ptr<T>(),
                       lse.data_ptr<T>()};
+      if constexpr (std::is_same_v<T, float>) args.out_bf16 = out_bf16;
       fwd_kernel<T>(args);
     });
   }
-  if (q.scalar_type() != acc) out = narrowed(out, q.scalar_type());
   return {out, lse};
 }
 
@@ -865,14 +907,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
   const at::Tensor mask = prepare_mask(attn_mask, q, g);
   const auto opts = q.options().dtype(acc);
   // the kernel writes every row of dk and dv; dq and dmask accumulate (dmask rows a causal mask skips stay 0)
-  at::Tensor dk = empty_output({g.B, g.Hk, g.S, g.E}, opts);
-  at::Tensor dv = empty_output({g.B, g.Hk, g.S, g.Ev}, opts);
-  at::Tensor dmask = need_dmask ? empty_output({g.B, g.Hq, g.L, g.S}, opts).zero_() : at::Tensor();
+  at::Tensor dk = buffer({g.B, g.Hk, g.S, g.E}, opts);
+  at::Tensor dv = buffer({g.B, g.Hk, g.S, g.Ev}, opts);
+  at::Tensor dmask = need_dmask ? buffer({g.B, g.Hq, g.L, g.S}, opts).zero_() : at::Tensor();
   const int64_t nkb = ceil_div(g.S, kBN);
   // enough tasks to keep every thread busy; each extra chunk costs one more dq-sized partial buffer
   const int64_t bh = std::max<int64_t>(g.B * g.Hk, 1);
   const int64_t chunks = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), bh), 1, std::max<int64_t>(nkb, 1));
-  at::Tensor dq_part = empty_output({chunks, g.B, g.Hq, g.L, g.E}, opts).zero_();
+  at::Tensor dq_part = buffer({chunks, g.B, g.Hq, g.L, g.E}, opts).zero_();
   if (g.B * g.Hq * g.L > 0 && g.S > 0 && q.scalar_type() == at::kBFloat16 && bf16_dot_enabled()) {
     const at::Tensor delta = (to_acc(dout) * to_acc(out)).sum(-1).contiguous();
     const at::Tensor lse_c = lse.contiguous();
@@ -924,7 +966,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
     dv.zero_();
   }
   at::Tensor dq = dq_part[0];
-  if (chunks > 1) at::sum_out(dq = empty_output({g.B, g.Hq, g.L, g.E}, opts), dq_part, 0);
+  if (chunks > 1) at::sum_out(dq = buffer({g.B, g.Hq, g.L, g.E}, opts), dq_part, 0);
   dq.mul_(scale);
   const auto dt = q.scalar_type();
   if (dt != acc) return {narrowed(dq, dt), narrowed(dk, dt), narrowed(dv, dt), dmask};

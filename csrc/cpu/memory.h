@@ -118,10 +118,11 @@ class OutputAllocator final : public c10::Allocator {
   }
 };
 
-// at::empty(sizes, options) (contiguous); outputs of at least 4 MiB come from OutputAllocator.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// at::empty(sizes, options) (contiguous); blocks of at least min_bytes (4 MiB unless given) come from OutputAllocator.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                               size_t min_bytes = size_t(4) << 20) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes < (size_t(4) << 20)) return at::empty(sizes, options);
+  if (bytes < min_bytes) return at::empty(sizes, options);
   static OutputAllocator* allocator = new OutputAllocator();  // never destroyed, as the storages point to it
   // a profiler event of its own, as at::empty has, so that memory figures see the allocation when it happens, not
   // netted against the frees of the op that makes it
