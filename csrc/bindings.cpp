@@ -375,7 +375,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (!layer_norm_args_ok(x, shape, w, b)) return std::nullopt;  // fastseq.functional's checks name the error
     auto needs = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
     if (!torch::autograd::GradMode::is_enabled() || !(x.requires_grad() || needs(w) || needs(b))) {
-      return std::get<0>(layer_norm_forward(x, c10::multiply_integers(shape), w, b, eps));  // no graph to record
+      const int64_t n = c10::multiply_integers(shape);  // no graph to record: y alone where the kernel can
+      if (!x.is_cpu()) return std::get<0>(layer_norm_forward(x, n, w, b, eps));
+      at::Tensor y = fastseq::cpu::layer_norm_fwd_output(rows(x, n), flat_param(w, n, x), flat_param(b, n, x), eps);
+      return y.sizes() == x.sizes() ? y : y.resize_(x.sizes());
     }
     return LayerNormFunction::apply(x, shape, w, b, eps);
   },

@@ -18,7 +18,12 @@ namespace fastseq {
       const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,                        \
       const at::Tensor& mean, const at::Tensor& rstd, bool need_dweight, bool need_dbias);
 
-namespace cpu { FASTSEQ_LAYER_NORM_DECLS }
+namespace cpu {
+FASTSEQ_LAYER_NORM_DECLS
+/* y of layer_norm_fwd alone, its statistics not kept: a forward whose backward will not run. */
+at::Tensor layer_norm_fwd_output(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias, double eps);
+}  // namespace cpu
 #ifdef WITH_CUDA
 namespace cuda { FASTSEQ_LAYER_NORM_DECLS }  // float32, float16, bfloat16 CUDA tensors
 #endif

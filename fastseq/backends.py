@@ -112,6 +112,12 @@ def backend(name: str) -> Iterator[None]:
         _requested.reset(token)
 
 
+def nothing_requested() -> bool:
+    """Whether no backend is requested (no `backend` block, FASTSEQ_BACKEND unset or empty): select then takes the
+    device's default order. A check cheaper than select, for the paths of ops whose per-call cost matters."""
+    return _requested.get() is None and not raw_env("FASTSEQ_BACKEND", b"FASTSEQ_BACKEND")
+
+
 def requested() -> str | None:
     name = _requested.get() or os.environ.get("FASTSEQ_BACKEND") or None
     if name is not None and name not in BACKENDS:

@@ -217,6 +217,11 @@ const void* check_param(const std::optional<at::Tensor>& p, const at::Tensor& x,
   return p->data_ptr();
 }
 
+template <typename T>
+T* param(const std::optional<at::Tensor>& p) {
+  return p && p->defined() ? p->data_ptr<T>() : nullptr;
+}
+
 at::ScalarType stat_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
@@ -232,13 +237,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   auto rstd = at::empty({M}, x.options().dtype(stat_type(x)));
   if (M == 0 || N == 0) return {y, mean.fill_(0), rstd.fill_(1.0 / std::sqrt(eps))};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "layer_norm_fwd", [&] {
-    auto param = [](const std::optional<at::Tensor>& p) {
-      return p && p->defined() ? p->data_ptr<scalar_t>() : nullptr;
-    };
-    fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), param(weight), param(bias), y.data_ptr<scalar_t>(),
-                         mean.data_ptr<acc_t<scalar_t>>(), rstd.data_ptr<acc_t<scalar_t>>(), M, N, eps);
+    fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), param<scalar_t>(weight), param<scalar_t>(bias),
+                         y.data_ptr<scalar_t>(), mean.data_ptr<acc_t<scalar_t>>(), rstd.data_ptr<acc_t<scalar_t>>(),
+                         M, N, eps);
   });
   return {y, mean, rstd};
+}
+
+at::Tensor layer_norm_fwd_output(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias, double eps) {
+  check_2d(x, "input");
+  check_param(weight, x, "weight");
+  check_param(bias, x, "bias");
+  const int64_t M = x.size(0), N = x.size(1);
+  auto y = empty_output_like(x);
+  if (M == 0 || N == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "layer_norm_fwd", [&] {
+    std::vector<acc_t<scalar_t>> stats(2 * M);  // mean, rstd: written by the kernel, read by nobody
+    fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), param<scalar_t>(weight), param<scalar_t>(bias),
+                         y.data_ptr<scalar_t>(), stats.data(), stats.data() + M, M, N, eps);
+  });
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
