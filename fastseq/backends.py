@@ -112,10 +112,15 @@ def backend(name: str) -> Iterator[None]:
         _requested.reset(token)
 
 
-def nothing_requested() -> bool:
-    """Whether no backend is requested (no `backend` block, FASTSEQ_BACKEND unset or empty): select then takes the
-    device's default order. A check cheaper than select, for the paths of ops whose per-call cost matters."""
-    return _requested.get() is None and not raw_env("FASTSEQ_BACKEND", b"FASTSEQ_BACKEND")
+_CPU_OR_NOTHING = (None, "", b"", "cpu", b"cpu")
+
+
+def cpu_or_nothing_requested() -> bool:
+    """Whether the backend requested (a `backend` block, else FASTSEQ_BACKEND) is "cpu" or none: for a CPU tensor of
+    a dtype the cpu backend runs, select's answer is then "cpu". A check cheaper than select (~0.2 us against
+    ~0.6), for the paths of ops whose per-call cost matters."""
+    name = _requested.get()
+    return (name or raw_env("FASTSEQ_BACKEND", b"FASTSEQ_BACKEND")) in _CPU_OR_NOTHING
 
 
 def requested() -> str | None:

@@ -200,17 +200,17 @@ def test_backend_selection():
 
 def test_backend_environment_read_at_each_call(monkeypatch):
     """FASTSEQ_BACKEND is read at every call, though backends.select caches its choices (and a float32 CPU tensor
-    with no backend requested skips it for the cpu backend): set, changed or removed between two calls, the next
-    call follows it (a bad value is an error)."""
+    with the cpu backend or none requested skips it): set, changed or removed between two calls, the next call
+    follows it (a bad value is an error)."""
     x = torch.randn(3, 8)
     seen = []
-    original, original_nothing = backends.select, backends.nothing_requested
+    original, original_cpu = backends.select, backends.cpu_or_nothing_requested
     monkeypatch.setattr(backends, "select", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
 
-    def nothing_requested() -> bool:  # True: the cpu backend's fast path runs
-        return original_nothing() and not seen.append("cpu")
+    def cpu_or_nothing_requested() -> bool:  # True: the cpu backend's fast path runs
+        return original_cpu() and not seen.append("cpu")
 
-    monkeypatch.setattr(backends, "nothing_requested", nothing_requested)
+    monkeypatch.setattr(backends, "cpu_or_nothing_requested", cpu_or_nothing_requested)
 
     def chosen() -> set[str]:
         seen.clear()

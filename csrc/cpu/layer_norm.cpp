@@ -11,6 +11,7 @@
 #include <c10/util/irange.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -276,7 +277,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   auto dx = empty_output_like(x);
   const int64_t parts = M <= row_grain(N) ? 1 : at::get_num_threads();
   auto acc_opts = x.options().dtype(stat_type(x));
-  auto zeros = [&] { return parts == 1 ? at::zeros({N}, acc_opts) : at::zeros({parts, N}, acc_opts); };
+  auto zeros = [&] {  // filled here: at::zeros' own zero_ dispatch costs ~0.4 us, at one row a tenth of the kernel
+    at::Tensor part = parts == 1 ? at::empty({N}, acc_opts) : at::empty({parts, N}, acc_opts);
+    std::memset(part.data_ptr(), 0, part.nbytes());
+    return part;
+  };
   auto dw_part = need_dweight ? zeros() : at::Tensor();
   auto db_part = need_dbias ? zeros() : at::Tensor();
   if (M > 0 && N > 0) {
