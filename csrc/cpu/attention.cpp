@@ -482,7 +482,7 @@ const uint32_t* words(const at::Tensor& packed) {
 }
 
 // The bf16 operands of a forward and backward, packed once per call; K2 = ceil(E / 2), V2 = ceil(Ev / 2), keys
-// padded to whole blocks (Sp = nkb * kBN), query rows to whole blocks (Lp = nqb * kBM).
+// padded to whole blocks (Sp = nkb * kBN), query rows likewise (Lp = ceil(L / kBN) * kBN).
 struct Bf16Operands {
   int64_t K2, V2;
   const uint32_t* q;          // (B * Hq, L, K2)       kAlongD: A of q k^T
