@@ -642,10 +642,11 @@ struct BwdArgs {
   uint64_t seed, offset;
   int64_t chunks;          // key blocks of a (b, kv head) are split round-robin into this many tasks
   T* dq_part;              // (chunks, B, Hq, L, E) zero-filled, unscaled
-  T* dk;                   // (B, Hk, S, E) contiguous
-  T* dv;                   // (B, Hk, S, Ev) contiguous
+  T* dk;                   // (B, Hk, S, E) contiguous, or null where dk_bf16 is set
+  T* dv;                   // (B, Hk, S, Ev) contiguous, or null where dv_bf16 is set
   T* dmask;                // (B, Hq, L, S) zero-filled, or null
   const Bf16Operands* bf16 = nullptr;  // bfloat16 inputs on bf16 dot products (T = float): q, k, v, dout read here
+  c10::BFloat16 *dk_bf16 = nullptr, *dv_bf16 = nullptr;  // dk, dv of bfloat16 inputs, written as such (T = float)
 };
 
 template <typename T>
@@ -764,8 +765,15 @@ void bwd_kernel(const BwdArgs<T>& a) {
         const int64_t krow0 = (b * g.Hk + hk) * g.S + j0;
         const V vs(a.scale);
         for (const auto j : c10::irange(n)) {
-          at::vec::map([vs](V x) { return x * vs; }, a.dk + (krow0 + j) * g.E, dk_acc.data() + j * g.E, g.E);
-          std::copy(dv_acc.data() + j * g.Ev, dv_acc.data() + (j + 1) * g.Ev, a.dv + (krow0 + j) * g.Ev);
+          const T *dkr = dk_acc.data() + j * g.E, *dvr = dv_acc.data() + j * g.Ev;
+          if (a.dk_bf16) {
+            c10::BFloat16 *dko = a.dk_bf16 + (krow0 + j) * g.E, *dvo = a.dv_bf16 + (krow0 + j) * g.Ev;
+            for (const auto e : c10::irange(g.E)) dko[e] = c10::BFloat16(static_cast<float>(dkr[e] * a.scale));
+            for (const auto e : c10::irange(g.Ev)) dvo[e] = c10::BFloat16(static_cast<float>(dvr[e]));
+          } else {
+            at::vec::map([vs](V x) { return x * vs; }, a.dk + (krow0 + j) * g.E, dkr, g.E);
+            std::copy(dvr, dvr + g.Ev, a.dv + (krow0 + j) * g.Ev);
+          }
         }
       }
     }
@@ -906,9 +914,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
               lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
   const at::Tensor mask = prepare_mask(attn_mask, q, g);
   const auto opts = q.options().dtype(acc);
-  // the kernel writes every row of dk and dv; dq and dmask accumulate (dmask rows a causal mask skips stay 0)
-  at::Tensor dk = buffer({g.B, g.Hk, g.S, g.E}, opts);
-  at::Tensor dv = buffer({g.B, g.Hk, g.S, g.Ev}, opts);
+  // the kernel writes every row of dk and dv (bfloat16 ones as such); dq and dmask accumulate (dmask rows a causal
+  // mask skips stay 0)
+  const bool bf16_in = q.scalar_type() == at::kBFloat16;
+  at::Tensor dk = buffer({g.B, g.Hk, g.S, g.E}, bf16_in ? q.options() : opts);
+  at::Tensor dv = buffer({g.B, g.Hk, g.S, g.Ev}, bf16_in ? q.options() : opts);
+  auto* dk_bf16 = bf16_in ? dk.data_ptr<c10::BFloat16>() : nullptr;
+  auto* dv_bf16 = bf16_in ? dv.data_ptr<c10::BFloat16>() : nullptr;
   at::Tensor dmask = need_dmask ? buffer({g.B, g.Hq, g.L, g.S}, opts).zero_() : at::Tensor();
   const int64_t nkb = ceil_div(g.S, kBN);
   // enough tasks to keep every thread busy; each extra chunk costs one more dq-sized partial buffer
@@ -929,8 +941,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
                         static_cast<float>(dropout_p),
                         dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.0f,
                         static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), chunks,
-                        dq_part.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
-                        need_dmask ? dmask.data_ptr<float>() : nullptr, &bf};
+                        dq_part.data_ptr<float>(), nullptr, nullptr, need_dmask ? dmask.data_ptr<float>() : nullptr,
+                        &bf, dk_bf16, dv_bf16};
     bwd_kernel<float>(args);
   } else if (g.B * g.Hq * g.L > 0 && g.S > 0) {
     const at::Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v), da = to_acc(dout);
@@ -955,9 +967,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
                       static_cast<uint64_t>(offset),
                       chunks,
                       dq_part.data_ptr<T>(),
-                      dk.data_ptr<T>(),
-                      dv.data_ptr<T>(),
+                      bf16_in ? nullptr : dk.data_ptr<T>(),
+                      bf16_in ? nullptr : dv.data_ptr<T>(),
                       need_dmask ? dmask.data_ptr<T>() : nullptr};
+      if constexpr (std::is_same_v<T, float>) {
+        args.dk_bf16 = dk_bf16;
+        args.dv_bf16 = dv_bf16;
+      }
       bwd_kernel<T>(args);
     });
   }
@@ -969,7 +985,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
   if (chunks > 1) at::sum_out(dq = buffer({g.B, g.Hq, g.L, g.E}, opts), dq_part, 0);
   dq.mul_(scale);
   const auto dt = q.scalar_type();
-  if (dt != acc) return {narrowed(dq, dt), narrowed(dk, dt), narrowed(dv, dt), dmask};
+  if (dt != acc) return {narrowed(dq, dt), dk, dv, dmask};
   return {dq, dk, dv, dmask};
 }
 
