@@ -28,12 +28,12 @@ namespace fastseq {
       const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale,             \
       double dropout_p, int64_t seed, int64_t offset, bool need_dmask);
 
-namespace cpu {
+namespace cpu {  // float32, float64, bfloat16
 FASTSEQ_ATTENTION_DECLS
-// Whether the forward of bfloat16 inputs runs on the CPU's bf16 dot products (AVX512_BF16; FASTSEQ_CPU_BF16_DOT=0
-// keeps the float32 path).
+// Whether bfloat16 inputs (forward and backward) run on the CPU's bf16 dot products (AVX512_BF16;
+// FASTSEQ_CPU_BF16_DOT=0 keeps the float32 path).
 bool sdpa_bf16_dot();
-}  // namespace cpu  // float32, float64, bfloat16
+}  // namespace cpu
 #ifdef WITH_CUDA
 namespace cuda {  // forward only, float16 / bfloat16, head dims 64 and 128, no dropout (tensor cores)
 std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -927,9 +927,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
   const int64_t bh = std::max<int64_t>(g.B * g.Hk, 1);
   const int64_t chunks = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), bh), 1, std::max<int64_t>(nkb, 1));
   at::Tensor dq_part = buffer({chunks, g.B, g.Hq, g.L, g.E}, opts).zero_();
-  if (g.B * g.Hq * g.L > 0 && g.S > 0 && q.scalar_type() == at::kBFloat16 && bf16_dot_enabled()) {
-    const at::Tensor delta = (to_acc(dout) * to_acc(out)).sum(-1).contiguous();
-    const at::Tensor lse_c = lse.contiguous();
+  const bool run = g.B * g.Hq * g.L > 0 && g.S > 0;
+  const at::Tensor delta = run ? (to_acc(dout) * to_acc(out)).sum(-1).contiguous() : at::Tensor();  // D
+  const at::Tensor lse_c = lse.contiguous();
+  if (run && bf16_in && bf16_dot_enabled()) {
     const at::Tensor qe = pack_bf16(q, Pairs::kAlongD), qr = pack_bf16(q, Pairs::kAlongRows);
     const at::Tensor kt = pack_bf16(k, Pairs::kBlocksT), kr = pack_bf16(k, Pairs::kAlongRows);
     const at::Tensor vt = pack_bf16(v, Pairs::kBlocksT);
@@ -944,10 +945,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
                         dq_part.data_ptr<float>(), nullptr, nullptr, need_dmask ? dmask.data_ptr<float>() : nullptr,
                         &bf, dk_bf16, dv_bf16};
     bwd_kernel<float>(args);
-  } else if (g.B * g.Hq * g.L > 0 && g.S > 0) {
+  } else if (run) {
     const at::Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v), da = to_acc(dout);
-    const at::Tensor delta = (da * to_acc(out)).sum(-1).contiguous();
-    const at::Tensor lse_c = lse.contiguous();
     AT_DISPATCH_FLOATING_TYPES(acc, "sdpa_bwd_cpu", [&] {
       using T = scalar_t;
       BwdArgs<T> args{g,
@@ -977,7 +976,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
       bwd_kernel<T>(args);
     });
   }
-  if (!(g.B * g.Hq * g.L > 0 && g.S > 0)) {
+  if (!run) {
     dk.zero_();
     dv.zero_();
   }

@@ -28,7 +28,6 @@ DTYPES = {
     "cuda": frozenset({torch.float32, torch.float16, torch.bfloat16}),
     "triton": frozenset({torch.float32, torch.float16, torch.bfloat16}),
 }
-_CPU_DTYPES = DTYPES["cpu"]
 
 
 def _select(op: str, x: Tensor) -> str:
@@ -329,14 +328,8 @@ _RNNCellFunction = eager_function("RNNCellFunction", _rnn_cell_impl, _rnn_setup_
 def _in_cxx(op: str, x: Tensor) -> bool:
     """Whether a step runs fastseq._C's `cell` (kernels and autograd formula in C++: the same kernels as the custom
     op's, without a Python autograd.Function's ~20 us a step forward and backward): in eager mode on the cpu and
-    cuda backends. A CPU tensor with the cpu backend or none requested takes the cpu backend where it has the dtype
-    (select's answer, read for ~0.2 us instead of ~0.6)."""
-    if torch.compiler.is_compiling():
-        return False
-    if x.is_cpu and x.dtype in _CPU_DTYPES and backends.extension() is not None and \
-            backends.cpu_or_nothing_requested():
-        return True
-    return _select(op, x) in ("cpu", "cuda")
+    cuda backends."""
+    return not torch.compiler.is_compiling() and (backends.runs_on_cpu(x, DTYPES) or _select(op, x) in ("cpu", "cuda"))
 
 
 def lstm_cell_apply(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
