@@ -4,8 +4,10 @@ autograd graph) and forward+backward (gradients of the input and every parameter
 Shapes: T=100, N=64, C=H=512 (PyTorch's fastrnns default) with 1 layer and with 2 bidirectional layers; small
 batches N in {1, 8, 16} with H in {128, 256, 512, 1024} (GPU: {128, 512}), C = H, T = 100, 1 layer; float32 on the
 CPU, bf16 and float32 on the GPU (cuDNN's float32 may use TF32 as torch allows); on a CPU with native bf16 dot
-products (AVX512_BF16, as oneDNN reports it) also bf16 LSTM and GRU rows at N in {1, 16}, H = 256. FLOPs count the GEMMs:
-2*T*N*(C_l+H)*G*H per direction and layer (C_l = the layer's input size: C, then D*H), x3 with backward."""
+products (AVX512_BF16, as oneDNN reports it) also bf16 LSTM and GRU rows at N in {1, 16}, H = 256. Decoding (one
+step a call, as an inference loop over a model's own outputs runs it): LSTM and GRU forward at T = 1, N in
+{1, 16, 64}, C = H = 512, float32. FLOPs count the GEMMs: 2*T*N*(C_l+H)*G*H per direction and layer (C_l = the
+layer's input size: C, then D*H), x3 with backward."""
 from __future__ import annotations
 
 import pytest
@@ -25,12 +27,13 @@ DTYPES = [torch.bfloat16, torch.float32] if DEVICE == "cuda" else [torch.float32
 BACKENDS = ["cuda", "triton"] if DEVICE == "cuda" else ["cpu"]
 CPU_BF16 = DEVICE == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 BF16_SHAPES = [(1, 256, 1, False), (16, 256, 1, False)]
+DECODE_SHAPES = [(16, 512, 1, False)] if QUICK else [(n, 512, 1, False) for n in (1, 16, 64)]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # rnn: tanh
 
 
-def _flops(n: int, c: int, h: int, layers: int, bidirectional: bool, gates: int, grad: bool) -> int:
+def _flops(steps: int, n: int, c: int, h: int, layers: int, bidirectional: bool, gates: int, grad: bool) -> int:
     dirs = 2 if bidirectional else 1
-    per = sum(2 * T * n * ((c if layer == 0 else dirs * h) + h) * gates * h for layer in range(layers)) * dirs
+    per = sum(2 * steps * n * ((c if layer == 0 else dirs * h) + h) * gates * h for layer in range(layers)) * dirs
     return per * (3 if grad else 1)
 
 
@@ -51,7 +54,14 @@ def test_rnn_layer_bf16_cpu(benchmark, kind, shape, mode):
     _measure(benchmark, kind, shape, torch.bfloat16, mode, "cpu")
 
 
-def _measure(benchmark, kind, shape, dtype, mode, backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=[f"N{n}-H{h}" for n, h, _, _ in DECODE_SHAPES])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_rnn_layer_decode(benchmark, kind, shape, backend):
+    _measure(benchmark, kind, shape, torch.float32, "fwd", backend, steps=1)
+
+
+def _measure(benchmark, kind, shape, dtype, mode, backend, steps=T):
     n, h, layers, bidirectional = shape
     c = h
     benchmark.group = f"{kind} layer {mode}"
@@ -62,8 +72,8 @@ def _measure(benchmark, kind, shape, dtype, mode, backend):
                                       dtype=dtype)
     ours.load_state_dict(theirs.state_dict())
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.randn(T, n, c, generator=gen, device=DEVICE).to(dtype).requires_grad_(grad)
-    dy = torch.randn(T, n, (2 if bidirectional else 1) * h, generator=gen, device=DEVICE).to(dtype)
+    x = torch.randn(steps, n, c, generator=gen, device=DEVICE).to(dtype).requires_grad_(grad)
+    dy = torch.randn(steps, n, (2 if bidirectional else 1) * h, generator=gen, device=DEVICE).to(dtype)
 
     def step(module):
         return sequence_step(module, x, dy, grad)
@@ -72,8 +82,9 @@ def _measure(benchmark, kind, shape, dtype, mode, backend):
         with fastseq.backend(backend):
             step(ours)()
 
-    flops = _flops(n, c, h, layers, bidirectional, GATES[kind], grad)
-    run(benchmark, ours_step, step(theirs), shape=f"T={T} N={n} C={c} H={h} L={layers}{' bi' if bidirectional else ''}",
+    flops = _flops(steps, n, c, h, layers, bidirectional, GATES[kind], grad)
+    run(benchmark, ours_step, step(theirs),
+        shape=f"T={steps} N={n} C={c} H={h} L={layers}{' bi' if bidirectional else ''}",
         dtype=str(dtype)[6:], backend=backend, flops=flops, peak_MiB=peak_mib(ours_step),
         torch_peak_MiB=peak_mib(step(theirs)))
     benchmark.extra_info["TFLOPs"] = round(flops / benchmark.extra_info["ms"] / 1e9, 3)

@@ -115,6 +115,7 @@ Layer::Layer(const char* fn, const std::string& mode, const at::Tensor& x, const
   b_hh = contiguous_or_none(b_hh_);
 }
 
+void CellSteps::input_projection(const at::Tensor& out) { mm_into(out, L.x2d, L.w_ih.t()); }
 void CellSteps::recurrent_fwd(const at::Tensor& out, const at::Tensor& h) { mm_into(out, h, L.w_hh.t()); }
 
 void CellSteps::recurrent_bwd(const at::Tensor& out, const at::Tensor& dg, bool accumulate) {
@@ -183,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_laye
   } else {
     F.gi = width > 0 ? F.gates.narrow(1, 0, GH) : F.y;
   }
-  mm_into(F.gi, L.x2d, L.w_ih.t());
+  steps->input_projection(F.gi);
   F.hg = at::empty({L.N, GH}, L.x2d.options());
   at::Tensor h_n = L.h0.clone();
   at::Tensor c_n = L.lstm() ? L.c0.clone() : at::Tensor();

@@ -106,7 +106,9 @@ class CellSteps {
   virtual at::Tensor empty(at::IntArrayRef sizes) const { return at::empty(sizes, L.x2d.options()); }
   virtual void forward(const StepFwd& s) = 0;
   virtual void backward(const StepBwd& s) = 0;
-  // out (n, G*H) = h (n, Hout) W_hh^T; out (n, Hout) = (or +=, accumulate) dg (n, G*H) W_hh. ATen GEMMs here.
+  // out (rows, G*H) = x2d W_ih^T, the input projection of every step; out (n, G*H) = h (n, Hout) W_hh^T;
+  // out (n, Hout) = (or +=, accumulate) dg (n, G*H) W_hh. ATen GEMMs here.
+  virtual void input_projection(const at::Tensor& out);
   virtual void recurrent_fwd(const at::Tensor& out, const at::Tensor& h);
   virtual void recurrent_bwd(const at::Tensor& out, const at::Tensor& dg, bool accumulate);
   // The whole time loop in one call over the loop's buffers, where the backend has one for this layer; false: the

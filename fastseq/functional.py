@@ -415,33 +415,43 @@ def _layer_params(mode: str, input: Tensor, params: Sequence[Tensor], has_biases
     out = []
     hidden = hout = None
     for i in range(num_layers * dirs):
-        layer, suffix = divmod(i, dirs)
-        name = f"l{layer}{'_reverse' if suffix else ''}"
-        w = list(params[i * per:(i + 1) * per])
-        for j, t in enumerate(w if not alike else ()):
-            _check_like(t, input, f"params[{i * per + j}] (of {name})", "input")
+        layer = i // dirs
+        w = params[i * per:(i + 1) * per]
+        if not alike:
+            for j, t in enumerate(w):
+                _check_like(t, input, f"params[{i * per + j}] (of {_layer_name(i, dirs)})", "input")
         w_ih, w_hh = w[0], w[1]
         b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
         w_hr = w[2 + 2 * bool(has_biases)] if proj else None
         peephole = w[-1] if m.peephole else None
         if hidden is None:
             if w_hh.dim() != 2 or w_hh.shape[0] % gates:
-                raise ShapeError(f"weight_hh_{name} must have shape [{gates}*hidden_size, hidden_size], got "
-                                 f"{list(w_hh.shape)}")
+                raise ShapeError(f"weight_hh_{_layer_name(i, dirs)} must have shape [{gates}*hidden_size, "
+                                 f"hidden_size], got {list(w_hh.shape)}")
             hidden = w_hh.shape[0] // gates
             hout = w_hr.shape[0] if proj else hidden
         in_size = input.shape[-1] if layer == 0 else dirs * hout
         if layer == 0 and (w_ih.dim() != 2 or w_ih.shape[1] != in_size):
             raise ShapeError(f"input.size(-1) must be equal to input_size. Expected "
                              f"{w_ih.shape[1] if w_ih.dim() == 2 else '?'}, got {in_size}")
-        for t, pname, shape in ((w_ih, "weight_ih", (gates * hidden, in_size)), (w_hh, "weight_hh",
-                                (gates * hidden, hout)), (b_ih, "bias_ih", (gates * hidden,)),
-                                (b_hh, "bias_hh", (gates * hidden,)), (w_hr, "weight_hr", (hout, hidden)),
-                                (peephole, "weight_peephole", (3, hidden))):
-            if t is not None and tuple(t.shape) != shape:
-                raise ShapeError(f"{pname}_{name} must have shape {list(shape)}, got {list(t.shape)}")
+        gh = gates * hidden
+        if (w_ih.shape != (gh, in_size) or w_hh.shape != (gh, hout) or (b_ih is not None and b_ih.shape != (gh,))
+                or (b_hh is not None and b_hh.shape != (gh,)) or (w_hr is not None and w_hr.shape != (hout, hidden))
+                or (peephole is not None and peephole.shape != (3, hidden))):
+            for t, pname, shape in ((w_ih, "weight_ih", (gh, in_size)), (w_hh, "weight_hh", (gh, hout)),
+                                    (b_ih, "bias_ih", (gh,)), (b_hh, "bias_hh", (gh,)),
+                                    (w_hr, "weight_hr", (hout, hidden)), (peephole, "weight_peephole", (3, hidden))):
+                if t is not None and tuple(t.shape) != shape:
+                    raise ShapeError(f"{pname}_{_layer_name(i, dirs)} must have shape {list(shape)}, got "
+                                     f"{list(t.shape)}")
         out.append((w_ih, w_hh, b_ih, b_hh, w_hr, peephole))
     return out
+
+
+def _layer_name(i: int, dirs: int) -> str:
+    """The suffix of torch's parameter names of layer direction i: l{layer}[_reverse]."""
+    layer, suffix = divmod(i, dirs)
+    return f"l{layer}{'_reverse' if suffix else ''}"
 
 
 def _check_state(t: Tensor, name: str, input: Tensor, shape: tuple[int, ...]) -> None:
@@ -583,15 +593,22 @@ def _sequence(mode: str, input: Tensor, hx, params: Sequence[Tensor], has_biases
     x = x.contiguous()
     hs, cs = [], []
     for layer in range(num_layers):
-        runs = [functools.partial(_direction, mode, x, h0[i], None if c0 is None else c0[i], layers[i], i % dirs == 1,
-                                  batch_sizes)
-                for i in range(layer * dirs, (layer + 1) * dirs)]
-        ys = []
-        for y, h_n, c_n in _concurrently(runs, x.device, [x, h0, c0, *layers[layer * dirs + dirs - 1]]):
-            ys.append(y)
+        if dirs == 1:
+            y, h_n, c_n = _direction(mode, x, h0[layer], None if c0 is None else c0[layer], layers[layer], False,
+                                     batch_sizes)
             hs.append(h_n)
             cs.append(c_n)
-        x = ys[0] if dirs == 1 else torch.cat(ys, -1)
+            x = y
+        else:
+            runs = [functools.partial(_direction, mode, x, h0[i], None if c0 is None else c0[i], layers[i],
+                                      i % dirs == 1, batch_sizes)
+                    for i in range(layer * dirs, (layer + 1) * dirs)]
+            ys = []
+            for y, h_n, c_n in _concurrently(runs, x.device, [x, h0, c0, *layers[layer * dirs + dirs - 1]]):
+                ys.append(y)
+                hs.append(h_n)
+                cs.append(c_n)
+            x = torch.cat(ys, -1)
         if dropout > 0 and train and layer < num_layers - 1:
             x = torch.nn.functional.dropout(x, dropout, True)
     output = x.transpose(0, 1) if batch_sizes is None and batch_first else x

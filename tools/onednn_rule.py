@@ -1,8 +1,8 @@
 """The measurement behind fastseq/ops/rnn_layer.py's `_onednn_wins`: fastseq.nn.LSTM timed with FASTSEQ_ONEDNN=0
-(fastseq's loop) and =1 (oneDNN's LSTM primitive) alternated in one process, T=100, C=H, the better of two runs of
-each; prints oneDNN's speed over fastseq's loop per rows N and hidden size H.
+(fastseq's loop) and =1 (oneDNN's LSTM primitive) alternated in one process, C=H, the better of two runs of each;
+prints oneDNN's speed over fastseq's loop per rows N and hidden size H, for each sequence length T.
 
-    python tools/onednn_rule.py [--train] [--dtype bfloat16] [--ns 1,2,4,8,16] [--hs 128,256,512,1024]
+    python tools/onednn_rule.py [--train] [--dtype bfloat16] [--ns 1,2,4,8,16] [--hs 128,256,512,1024] [--ts 100]
 """
 from __future__ import annotations
 
@@ -31,32 +31,39 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--ns", default="1,2,4,8,16")
     p.add_argument("--hs", default="128,256,512,1024")
+    p.add_argument("--ts", default="100", help="sequence lengths T")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     hs = [int(v) for v in args.hs.split(",")]
     torch.manual_seed(0)
-    print(f"oneDNN's speed over fastseq's loop, {'forward+backward' if args.train else 'forward, no grad'}, "
-          f"{args.dtype}, T=100, C=H")
+    for t in (int(v) for v in args.ts.split(",")):
+        table(t, [int(v) for v in args.ns.split(",")], hs, dtype, args.train)
+
+
+def table(t: int, ns: list[int], hs: list[int], dtype: torch.dtype, train: bool) -> None:
+    print(f"oneDNN's speed over fastseq's loop, {'forward+backward' if train else 'forward, no grad'}, "
+          f"{str(dtype)[6:]}, T={t}, C=H")
     print("N\\H  " + " ".join(f"{h:>6}" for h in hs))
-    for n in (int(v) for v in args.ns.split(",")):
+    for n in ns:
         row = []
         for h in hs:
             lstm = fnn.LSTM(h, h, dtype=dtype)
-            x = torch.randn(100, n, h, dtype=dtype, requires_grad=args.train)
-            dy = torch.randn(100, n, h, dtype=dtype)
+            x = torch.randn(t, n, h, dtype=dtype, requires_grad=train)
+            dy = torch.randn(t, n, h, dtype=dtype)
             leaves = [x, *lstm.parameters()]
 
             def step() -> None:
-                if not args.train:
+                if not train:
                     with torch.no_grad():
                         lstm(x)
                     return
                 torch.autograd.grad(lstm(x)[0], leaves, dy)
 
+            reps = 3 if t * n * h >= 409600 else 6 if t >= 10 else 30
             best: dict[str, float] = {}
             for value in ("0", "1", "0", "1"):
                 os.environ["FASTSEQ_ONEDNN"] = value
-                best[value] = min(best.get(value, float("inf")), best_of(step, 3 if n * h >= 4096 else 6))
+                best[value] = min(best.get(value, float("inf")), best_of(step, reps))
             row.append(best["0"] / best["1"])
         print(f"{n:<5}" + " ".join(f"{r:6.2f}" for r in row), flush=True)
 

@@ -34,26 +34,6 @@ bool is_relu(const char* fn, const std::string& nonlinearity) {
   return nonlinearity == "relu";
 }
 
-using VecF = Vectorized<float>;
-
-// out[i] = dot(x, w + i * K) for i < R: x (K,), w R rows of K floats; K >= VecF::size(). R fixed at compile time,
-// so that the accumulators stay in registers.
-template <int R>
-void dot_rows(const float* x, const float* w, int64_t K, float* out) {
-  VecF acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = VecF(0.f);
-  int64_t k = 0;
-  for (; k + VecF::size() <= K; k += VecF::size()) {
-    const VecF xv = VecF::loadu(x + k);
-    for (int i = 0; i < R; ++i) acc[i] = at::vec::fmadd(xv, VecF::loadu(w + i * K + k), acc[i]);
-  }
-  for (int i = 0; i < R; ++i) {
-    float sum = at::vec::vec_reduce_all<float>([](VecF& u, VecF& v) { return u + v; }, acc[i]);
-    for (int64_t kk = k; kk < K; ++kk) sum += x[kk] * w[i * K + kk];
-    out[i] = sum;
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd(const at::Tensor& igates, const at::Tensor& hgates,
@@ -289,39 +269,15 @@ at::Tensor rnn_cell_bwd(const at::Tensor& dhy, const at::Tensor& hy, const std::
   return dpre;
 }
 
-// x w^T with at most kDotRows float32 rows: a matrix-vector product per row, which a library GEMM call runs with
-// more overhead than work at a step's sizes (7 us for 1 x 128 x 512 here, of ~3 us of loads from L2). Each output is
-// the dot product of a row of x with a row of w (both contiguous), four rows of w at a time with every row of x in
-// registers, so that w streams once; blocks of w's rows in parallel. Others: the library GEMM.
-constexpr int64_t kDotRows = 4;
-
+// x w^T: with at most kDotRows float32 rows fastseq's matrix-vector products (cell::dot_mm, which a library GEMM
+// call runs with more overhead than work at a step's sizes: 7 us for 1 x 128 x 512 here, of ~3 us of loads from
+// L2); others the library GEMM.
 at::Tensor gates_mm(const at::Tensor& x, const at::Tensor& w) {
-  if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || x.dim() != 2 || w.dim() != 2 ||
-      x.size(0) > kDotRows || x.size(1) != w.size(1) || x.size(1) < VecF::size()) {
-    return at::mm(x, w.t());
-  }
+  if (!dot_mm_fits(x, w)) return at::mm(x, w.t());
   const at::Tensor a = x.contiguous(), b = w.contiguous();
-  const int64_t N = a.size(0), K = a.size(1), J = b.size(0);
-  at::Tensor out = at::empty({N, J}, a.options());
-  const float* xa = a.const_data_ptr<float>();
-  const float* wb = b.const_data_ptr<float>();
-  float* o = out.mutable_data_ptr<float>();
-  // groups of 4 rows of w, about 64K multiply-adds per task
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 4 * N * K));
-  at::parallel_for(0, (J + 3) / 4, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t j = 4 * begin; j < std::min(4 * end, J); j += 4) {
-      for (int64_t r = 0; r < N; ++r) {
-        const float* xr = xa + r * K;
-        float* out_r = o + r * J + j;
-        switch (std::min<int64_t>(4, J - j)) {
-          case 4: dot_rows<4>(xr, wb + j * K, K, out_r); break;
-          case 3: dot_rows<3>(xr, wb + j * K, K, out_r); break;
-          case 2: dot_rows<2>(xr, wb + j * K, K, out_r); break;
-          default: dot_rows<1>(xr, wb + j * K, K, out_r);
-        }
-      }
-    }
-  });
+  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
+  dot_mm(a.const_data_ptr<float>(), a.size(0), a.size(1), b.const_data_ptr<float>(), b.size(0),
+         out.mutable_data_ptr<float>(), out.size(1));
   return out;
 }
 

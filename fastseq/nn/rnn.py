@@ -30,7 +30,10 @@ class _Recurrent:
     fastseq_mode: str | None = None  # the mode of fastseq/modes.py, where not the one torch's mode names
 
     def forward(self, input, hx=None):
-        self._update_flat_weights()
+        # the parameters as they are now (what torch's _update_flat_weights keeps _flat_weights equal to, also under
+        # torch.func.functional_call), read straight from _parameters: ~0.3 us instead of ~5.5
+        params = self._parameters
+        weights = [params[n] if n in params else getattr(self, n, None) for n in self._flat_weights_names]
         mode = self.fastseq_mode or _MODES[self.mode]
         lstm = modes.mode(mode).cell
         dirs = 2 if self.bidirectional else 1
@@ -69,7 +72,7 @@ class _Recurrent:
         self.check_forward_args(data, states if lstm else states[0], batch_sizes)
         states = _permute(states, sorted_indices)
         fn = getattr(F, mode)
-        out = fn(data, states if lstm else states[0], self._flat_weights, self.bias, self.num_layers,
+        out = fn(data, states if lstm else states[0], weights, self.bias, self.num_layers,
                  float(self.dropout), self.training, self.bidirectional, self.batch_first, batch_sizes=batch_sizes)
         output, hidden = out[0], tuple(out[1:])
         if packed:

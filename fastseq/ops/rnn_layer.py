@@ -86,15 +86,6 @@ def _forward(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, 
     with batch_sizes (T,) int64 on the CPU), h0 (N, Hout), c0 (N, H) (LSTM modes, else None), w_ih (G*H, C),
     w_hh (G*H, Hout), b_ih, b_hh (G*H,), w_hr (Hout, H) (LSTM projection; Hout = H without), peephole (3, H)
     (peephole_lstm)."""
-    return _run(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes, need_saved=True)
-
-
-def _run(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-         b_hh: Tensor | None, w_hr: Tensor | None, peephole: Tensor | None, reverse: bool,
-         batch_sizes: Tensor | None, need_saved: bool) -> tuple[Tensor, ...]:
-    """_forward; without need_saved (a forward that no backward follows) the four saved tensors are empty and the
-    copy of every step's h that the backward would read is not made (inference holds y, the loop's gate and c
-    buffers and nothing more)."""
     backend = _select(x)
     if backend == "reference":
         y, h_n, c_n = reference.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes,
@@ -103,8 +94,23 @@ def _run(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh
         return (y, h_n, _or_empty(c_n, x), *(x.new_zeros(s[k]) for k in ("h_seq", "gates", "c_seq", "h_raw")))
     y, h_n, c_n, saved = backends.extension().rnn_layer_fwd(
         mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
-        _steps(backend, mode, b_ih, b_hh, peephole), need_saved)
+        _steps(backend, mode, b_ih, b_hh, peephole), True)
     return (y, h_n, *(_or_empty(t, x) for t in (c_n, *saved)))
+
+
+def _infer(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+           b_hh: Tensor | None, w_hr: Tensor | None, peephole: Tensor | None, reverse: bool,
+           batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """y, h_n, c_n (None without a cell state) of _forward for a forward that no backward follows: the copy of every
+    step's h that the backward would read is not made (inference holds y, the loop's gate and c buffers and nothing
+    more)."""
+    backend = _select(x)
+    if backend == "reference":
+        return reference.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes, peephole)
+    y, h_n, c_n, _ = backends.extension().rnn_layer_fwd(
+        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
+        _steps(backend, mode, b_ih, b_hh, peephole), False)
+    return y, h_n, c_n
 
 
 rnn_layer = torch.library.custom_op("fastseq::rnn_layer", _forward, mutates_args=())
@@ -176,8 +182,7 @@ def _backward_with(backward_op):
 
 rnn_layer.register_autograd(_backward_with(rnn_layer_backward), setup_context=_setup_context)
 _RNNLayerFunction = eager_function("RNNLayerFunction", _forward, _setup_context, _backward_with(_backward_impl),
-                                   non_differentiable=(3, 4, 5, 6),
-                                   inference=lambda *args: _run(*args, need_saved=False))
+                                   non_differentiable=(3, 4, 5, 6), inference=_infer)
 
 
 # ---- oneDNN's LSTM primitive ----
@@ -188,21 +193,32 @@ _RNNLayerFunction = eager_function("RNNLayerFunction", _forward, _setup_context,
 _ONEDNN = {"0": False, "1": True, "": None}
 
 
-def _onednn_wins(n: int, hidden: int, dtype: torch.dtype, train: bool) -> bool:
+def _onednn_wins(n: int, steps: int, hidden: int, dtype: torch.dtype, train: bool) -> bool:
     """Where oneDNN's LSTM beats fastseq's loop, measured with FASTSEQ_ONEDNN=0 against =1 alternated in one process
-    (tools/onednn_rule.py [--train] [--dtype bfloat16]: fastseq.nn.LSTM, T=100, C=H, 2-core Zen 4 with
-    AVX512_BF16, the better of two runs of each).
-    Inference (no grad): bfloat16 everywhere (oneDNN's native bf16 dot products: 1.1-5x); float32 from 4 rows below
-    H=1024 (1.1-1.9x; 4-8 rows at H=1024: 0.8-1.0x) and from 16 rows at any H. At fewer rows fastseq's loop is ahead
-    (up to 2x at 2 rows, H=1024): a step's recurrent GEMM is then a matrix-vector product, which its packed GEMM runs
-    with one barrier a step.
-    Training (forward and backward): float32 from 8 rows below H=1024 (1.1-1.26x at 8-16 rows, 0.96-1.26x at 32-64,
-    where both run near the machine's sgemm peak); fastseq's loop at fewer rows (1.0-2.2x at 1-2 rows; 4 rows
-    0.8-1.04x) and at H=1024 (0.94-1.04x: even). bfloat16 at H <= 256 (1.1-2.5x); from H=512 fastseq's loop (up
-    to 3.7x at H=1024, where oneDNN's bf16 backward is slow here)."""
+    (tools/onednn_rule.py [--train] [--dtype bfloat16] --ts 1,4,16,32,64,100: fastseq.nn.LSTM, C=H, 2-core Zen 4
+    with AVX512_BF16, the better of two runs of each), for n rows and `steps` time steps.
+    oneDNN pays per call for putting the weights in its own layout (a copy of W_ih and W_hh, whatever the number of
+    steps), which fastseq's loop does not (it packs W_hh only, and only at few rows): at few steps fastseq's loop
+    is ahead (float32 at T=1: 1.0-10x, inference and training alike; T=4: up to 4x), and oneDNN needs about 256
+    rows in all (T * n; 1600 at H=1024) to repay it.
+    Inference (no grad), float32: from 4 rows below H=1024 (1.1-1.9x at T=100; 4-8 rows at H=1024: 0.8-1.0x) and
+    from 16 rows at any H, with T * n >= 256 (>= 1600 at H=1024). At fewer rows fastseq's loop is ahead (up to 2x
+    at 2 rows, H=1024): a step's recurrent GEMM is then a matrix-vector product, which its packed GEMM runs with one
+    barrier a step. bfloat16 (oneDNN's native bf16 dot products: 1.1-5x) except at 16 rows and more when T=1
+    (0.24-0.97x), or T < 16 with H=1024 (0.37-0.59x).
+    Training (forward and backward): float32 from 8 rows below H=1024 with T * n >= 256 (1.1-1.26x at 8-16 rows
+    and T=100, 0.96-1.26x at 32-64, where both run near the machine's sgemm peak; T=16: 1.0-1.1x); fastseq's loop at
+    fewer rows (1.0-2.2x at 1-2 rows; 4 rows 0.8-1.04x) and at H=1024 (0.94-1.04x: even). bfloat16 at H <= 256
+    from T=16 and at H <= 128 from T=4 (1.1-2.5x); from H=512 fastseq's loop (up to 3.7x at H=1024, where oneDNN's
+    bf16 backward is slow here), and at fewer steps (2-5x at H=256, T <= 4)."""
+    rows = n * steps
+    if dtype == torch.bfloat16:
+        if train:
+            return (hidden <= 128 and steps >= 4) or (hidden <= 256 and steps >= 16)
+        return n < 16 or (steps > 1 and (hidden < 1024 or steps >= 16))
     if train:
-        return hidden <= 256 if dtype == torch.bfloat16 else n >= 8 and hidden < 1024
-    return dtype == torch.bfloat16 or n >= 16 or (n >= 4 and hidden < 1024)
+        return n >= 8 and hidden < 1024 and rows >= 256
+    return (n >= 16 or (n >= 4 and hidden < 1024)) and rows >= (256 if hidden < 1024 else 1600)
 
 
 def onednn_rejects(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
@@ -227,8 +243,8 @@ def onednn_rejects(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Te
     if x.numel() == 0 or _select(x) != "cpu":
         return "not a non-empty input on the cpu backend"
     train = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    if _ONEDNN[value] is None and not _onednn_wins(h0.shape[0], w_hh.shape[1], x.dtype, train):
-        return (f"fastseq's loop is faster at {h0.shape[0]} rows, hidden size {w_hh.shape[1]} "
+    if _ONEDNN[value] is None and not _onednn_wins(h0.shape[0], x.shape[0], w_hh.shape[1], x.dtype, train):
+        return (f"fastseq's loop is faster at {h0.shape[0]} rows, T={x.shape[0]}, hidden size {w_hh.shape[1]} "
                 f"({'training' if train else 'inference'})")
     return None
 
@@ -253,6 +269,6 @@ def apply(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_h
           batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """y, h_n, c_n (None unless the mode has a cell state) of one layer direction, through the fastest path for the
     current mode."""
-    y, h_n, c_n, *_ = call(rnn_layer, _RNNLayerFunction, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
-                           reverse, batch_sizes)
+    y, h_n, c_n = call(rnn_layer, _RNNLayerFunction, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
+                       reverse, batch_sizes)[:3]
     return y, h_n, c_n if modes.mode(mode).cell else None
