@@ -614,6 +614,28 @@ def test_state_dict_both_ways_and_flatten():
         assert not isinstance(module, (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN))
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_forward_reads_the_parameters_of_the_call(kind):
+    """forward uses the module's parameters as they are at the call, as torch's does: after one is replaced, and
+    under torch.func.functional_call (other tensors for one call, the module's own after it)."""
+    theirs, ours = _modules(kind, 4, 5, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 4, generator=gen)
+    ours(x)  # a first call with the original parameters
+    other = {n: torch.randn(p.shape, generator=gen) for n, p in theirs.named_parameters()}
+    with on_backend(FAST):
+        got = torch.func.functional_call(ours, other, (x,))
+    want = torch.func.functional_call(theirs, other, (x,))
+    for i, (g, w) in enumerate(zip(_flat(got), _flat(want), strict=True)):
+        assert_close(g, w, *TOL[torch.float32], f"functional_call output {i}")
+    ours.weight_hh_l0 = torch.nn.Parameter(other["weight_hh_l0"])
+    theirs.weight_hh_l0 = torch.nn.Parameter(other["weight_hh_l0"].clone())
+    with on_backend(FAST):
+        got = ours(x)
+    for i, (g, w) in enumerate(zip(_flat(got), _flat(theirs(x)), strict=True)):
+        assert_close(g, w, *TOL[torch.float32], f"output {i} after replacing weight_hh_l0")
+
+
 def test_falls_back_with_warning():
     """Where no backend of the device can run the op (here float16 on the CPU: the cpu backend lacks it, and triton
     is not among the CPU's backends unless requested) the op runs on the reference backend with a one-time warning,
