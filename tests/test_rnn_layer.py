@@ -628,6 +628,13 @@ def test_forward_reads_the_parameters_of_the_call(kind):
     want = torch.func.functional_call(theirs, other, (x,))
     for i, (g, w) in enumerate(zip(_flat(got), _flat(want), strict=True)):
         assert_close(g, w, *TOL[torch.float32], f"functional_call output {i}")
+    # float64 parameters for a float64 input: torch's dtype check sees the call's parameters too
+    other64 = {n: t.double() for n, t in other.items()}
+    with on_backend(FAST):
+        got = torch.func.functional_call(ours, other64, (x.double(),))
+    want = torch.func.functional_call(theirs, other64, (x.double(),))
+    for i, (g, w) in enumerate(zip(_flat(got), _flat(want), strict=True)):
+        assert_close(g, w, *TOL[torch.float64], f"float64 functional_call output {i}")
     ours.weight_hh_l0 = torch.nn.Parameter(other["weight_hh_l0"])
     theirs.weight_hh_l0 = torch.nn.Parameter(other["weight_hh_l0"].clone())
     with on_backend(FAST):
