@@ -276,7 +276,7 @@ at::Tensor gates_mm(const at::Tensor& x, const at::Tensor& w) {
   if (!dot_mm_fits(x, w)) return at::mm(x, w.t());
   const at::Tensor a = x.contiguous(), b = w.contiguous();
   at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
-  dot_mm(a.const_data_ptr<float>(), a.size(0), a.size(1), b.const_data_ptr<float>(), b.size(0),
+  dot_mm(a.const_data_ptr<float>(), a.size(1), a.size(0), a.size(1), b.const_data_ptr<float>(), b.size(0),
          out.mutable_data_ptr<float>(), out.size(1));
   return out;
 }

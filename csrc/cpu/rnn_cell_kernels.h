@@ -364,23 +364,32 @@ inline bool dot_mm_fits(const at::Tensor& x, const at::Tensor& w) {
          x.size(0) <= kDotRows && x.size(1) == w.size(1) && x.size(1) >= Vectorized<float>::size();
 }
 
-// out (N, J) row stride ldo = x (N, K) contiguous @ w^T, w (J, K) contiguous; N <= kDotRows.
-inline void dot_mm(const float* x, int64_t N, int64_t K, const float* w, int64_t J, float* out, int64_t ldo) {
+// out (N, J) row stride ldo = x (N, K) row stride ldx @ w^T, w (J, K) contiguous, on the calling thread: four rows
+// of w at a time against every row of x, so that w streams once.
+inline void dot_block(const float* x, int64_t ldx, int64_t N, int64_t K, const float* w, int64_t J, float* out,
+                      int64_t ldo) {
+  for (int64_t j = 0; j < J; j += 4) {
+    for (int64_t r = 0; r < N; ++r) {
+      const float* xr = x + r * ldx;
+      float* out_r = out + r * ldo + j;
+      switch (std::min<int64_t>(4, J - j)) {
+        case 4: dot_rows<4>(xr, w + j * K, K, out_r); break;
+        case 3: dot_rows<3>(xr, w + j * K, K, out_r); break;
+        case 2: dot_rows<2>(xr, w + j * K, K, out_r); break;
+        default: dot_rows<1>(xr, w + j * K, K, out_r);
+      }
+    }
+  }
+}
+
+// dot_block with blocks of w's rows in parallel; N <= kDotRows.
+inline void dot_mm(const float* x, int64_t ldx, int64_t N, int64_t K, const float* w, int64_t J, float* out,
+                   int64_t ldo) {
   // groups of 4 rows of w, about 64K multiply-adds per task
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 4 * N * K));
   at::parallel_for(0, (J + 3) / 4, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t j = 4 * begin; j < std::min(4 * end, J); j += 4) {
-      for (int64_t r = 0; r < N; ++r) {
-        const float* xr = x + r * K;
-        float* out_r = out + r * ldo + j;
-        switch (std::min<int64_t>(4, J - j)) {
-          case 4: dot_rows<4>(xr, w + j * K, K, out_r); break;
-          case 3: dot_rows<3>(xr, w + j * K, K, out_r); break;
-          case 2: dot_rows<2>(xr, w + j * K, K, out_r); break;
-          default: dot_rows<1>(xr, w + j * K, K, out_r);
-        }
-      }
-    }
+    const int64_t j0 = 4 * begin, j1 = std::min(4 * end, J);
+    dot_block(x, ldx, N, K, w + j0 * K, j1 - j0, out + j0, ldo);
   });
 }
 

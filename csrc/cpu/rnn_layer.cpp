@@ -4,7 +4,8 @@
 // the recurrent GEMMs, and the whole time loop in one parallel region for float32 layers of few rows. Gate math in
 // at::opmath_type<scalar_t>; buffers in the input dtype. Supported dtypes: float32, float64, bfloat16. The per-step
 // recurrent GEMMs (h W_hh^T forward, dgates W_hh backward) of float32 steps with few rows run a hand-written GEMM on
-// W_hh packed once per call (layers of more than one step); others call the library GEMM. Float32 layers of few rows without projection run the
+// W_hh packed once per call (layers of more than one step), or at most 4 rows the cells' matrix-vector products on
+// W_hh as it is (forward); others call the library GEMM. Float32 layers of few rows without projection run the
 // whole time loop in one parallel region, the hidden units split between threads (forward_sliced, backward_sliced).
 #include "rnn_layer.h"
 
@@ -334,8 +335,9 @@ constexpr int64_t kSlicedRows = 16;
 constexpr int64_t kFewRows = 8;
 // Both copies of W_hh (the packed panels, W_hh^T) cost about two passes over W_hh (a read and a write), repaid
 // only over more than one step, each of which reads W_hh once: a layer of one step (rows of x per row of the batch,
-// the average length of packed sequences) calls the library GEMM on W_hh as it is. Measured on 2 cores, H = 512,
-// N in {1, 16}: at T = 1 1.0-1.2x faster forward, 1.2-1.9x forward+backward; at T = 2 the copies are even or ahead.
+// the average length of packed sequences) multiplies W_hh as it is (the library GEMM, or dots()). Measured on 2
+// cores, H = 512, N in {1, 16}: at T = 1 1.0-1.2x faster forward, 1.2-1.9x forward+backward; at T = 2 the copies
+// are even or ahead.
 constexpr int64_t kCopyMinSteps = 2;
 
 class CpuSteps final : public CellSteps {
@@ -376,21 +378,20 @@ class CpuSteps final : public CellSteps {
   // cell::dot_mm, others the library GEMM.
   void input_projection(const at::Tensor& out) override {
     if (!dot_mm_fits(L.x2d, L.w_ih) || !L.w_ih.is_contiguous()) return CellSteps::input_projection(out);
-    dot_mm(L.x2d.const_data_ptr<float>(), L.x2d.size(0), L.x2d.size(1), L.w_ih.const_data_ptr<float>(),
-           L.w_ih.size(0), out.mutable_data_ptr<float>(), out.stride(0));
+    dot_mm(L.x2d.const_data_ptr<float>(), L.x2d.size(1), L.x2d.size(0), L.x2d.size(1),
+           L.w_ih.const_data_ptr<float>(), L.w_ih.size(0), out.mutable_data_ptr<float>(), out.stride(0));
   }
 
-  // Float32 steps of at most kSmallRows rows run the packed GEMM on W_hh^T (K = Hout, G groups of H columns), or
-  // without a packed copy (one step) at most kDotRows rows cell::dot_mm on W_hh as it is.
+  // Float32 layers of at most kDotRows rows run cell::dot_mm on W_hh as it is (no packed copy); other float32
+  // steps of at most kSmallRows rows the packed GEMM on W_hh^T (K = Hout, G groups of H columns).
   void recurrent_fwd(const at::Tensor& out, const at::Tensor& h) override {
     const int64_t rows = h.size(0);
-    if (dtype_ == at::kFloat && copies_w_hh_ && rows <= kSmallRows) {
+    if (dots()) {
+      dot_mm(h.const_data_ptr<float>(), h.stride(0), rows, L.Hout, L.w_hh.const_data_ptr<float>(), L.G * L.H,
+             out.mutable_data_ptr<float>(), out.stride(0));
+    } else if (dtype_ == at::kFloat && copies_w_hh_ && rows <= kSmallRows) {
       packed_gemm(forward_panels(), h.const_data_ptr<float>(), h.stride(0), rows, out.mutable_data_ptr<float>(),
                   out.stride(0), false);
-    } else if (!copies_w_hh_ && dot_mm_fits(h, L.w_hh) && h.stride(1) == 1 && h.stride(0) == h.size(1) &&
-               L.w_hh.is_contiguous()) {
-      dot_mm(h.const_data_ptr<float>(), rows, h.size(1), L.w_hh.const_data_ptr<float>(), L.w_hh.size(0),
-             out.mutable_data_ptr<float>(), out.stride(0));
     } else if (copies_w_hh_ && rows < kFewRows) {
       if (!w_hh_tc_.defined()) w_hh_tc_ = L.w_hh.t().contiguous();
       mm_into(out, h, w_hh_tc_);
@@ -412,7 +413,7 @@ class CpuSteps final : public CellSteps {
 
   bool forward_sequence(const ForwardLoop& F) override {
     if (!sliced()) return false;
-    forward_sliced(F, forward_panels(), bias_.const_data_ptr<float>(),
+    forward_sliced(F, dots() ? nullptr : &forward_panels(), bias_.const_data_ptr<float>(),
                    peep_.defined() ? peep_.const_data_ptr<float>() : nullptr);
     return true;
   }
@@ -426,6 +427,9 @@ class CpuSteps final : public CellSteps {
  private:
   // Float32 layers of at most kSlicedRows rows without projection run the time loop in one parallel region.
   bool sliced() const { return dtype_ == at::kFloat && copies_w_hh_ && L.N <= kSlicedRows && !L.proj; }
+  // Float32 layers of at most kDotRows rows multiply W_hh as it is in the forward (cell::dot_block): each step
+  // streams W_hh once either way, and no copy is made (nor held: inference then keeps no packed W_hh).
+  bool dots() const { return dtype_ == at::kFloat && L.N <= kDotRows && L.w_hh.is_contiguous(); }
   // W_hh packed, once per call: W_hh^T for the forward, W_hh for the backward (a call uses one of them; they share
   // the thread's panel buffer).
   const Panels& forward_panels() {
@@ -438,25 +442,32 @@ class CpuSteps final : public CellSteps {
   }
 
   // The forward time loop in one parallel region: worker w owns hidden units [j0, j1) (whole panels) of every gate.
-  void forward_sliced(const ForwardLoop& F, const Panels& W, const float* bias, const float* peep) const {
+  // W: W_hh^T packed, or null: W_hh read as it is (dots()).
+  void forward_sliced(const ForwardLoop& F, const Panels* W, const float* bias, const float* peep) const {
     const Schedule& S = F.S;
     const int64_t H = L.H, G = L.G, GH = G * H;
     float* hg = F.hg.mutable_data_ptr<float>();
     const float* y = F.y.const_data_ptr<float>();
     const float* h0 = L.h0.const_data_ptr<float>();
-    const int64_t workers = worker_count(S.N, GH, H, W.per_group);
-    run_workers(workers, W.per_group, [&](int64_t p0, int64_t p1, int64_t weight, Barrier& barrier) {
+    const float* w_hh = L.w_hh.const_data_ptr<float>();
+    const int64_t per_group = (H + kPanel - 1) / kPanel;
+    const int64_t workers = worker_count(S.N, GH, H, per_group);
+    run_workers(workers, per_group, [&](int64_t p0, int64_t p1, int64_t weight, Barrier& barrier) {
       const int64_t j0 = p0 * kPanel, j1 = std::min(p1 * kPanel, H);
+      // out rows [0, rows) (row stride GH), this worker's columns of every gate, = a (rows, H) W_hh^T
+      auto columns = [&](const float* a, int64_t rows, float* out) {
+        for (int64_t g = 0; g < G; ++g) {
+          if (W == nullptr) {
+            dot_block(a, H, rows, H, w_hh + (g * H + j0) * H, j1 - j0, out + g * H + j0, GH);
+            continue;
+          }
+          for (int64_t p = p0; p < p1; ++p) panel_gemm(*W, g * per_group + p, a, H, rows, out, GH, false);
+        }
+      };
       for (int64_t k = 0; k < S.T; ++k) {
         const int64_t n = S.rows[k], np = S.prev[k], off_prev = k > 0 ? S.off[k - 1] : 0;
-        // this worker's columns of h W_hh^T for every gate
-        for (int64_t g = 0; g < G; ++g) {
-          for (int64_t p = p0; p < p1; ++p) {
-            const int64_t i = g * W.per_group + p;
-            if (np > 0) panel_gemm(W, i, y + off_prev * H, H, np, hg, GH, false);
-            if (n > np) panel_gemm(W, i, h0 + np * H, H, n - np, hg + np * GH, GH, false);
-          }
-        }
+        if (np > 0) columns(y + off_prev * H, np, hg);
+        if (n > np) columns(h0 + np * H, n - np, hg + np * GH);
         S.for_segments(k, [&](int64_t lo, int64_t hi, bool continues) {
           const StepFwd s = F.segment(k, lo, hi, continues);
           forward_rows<float>(L.mode(), H, s, bias, peep, 0, s.n, j0, j1);
