@@ -219,18 +219,18 @@ def test_op_against_reference(backend, device, dtype, kind, reverse, packed):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [7, 3])
+@pytest.mark.parametrize("rows", [7, 1])
 @pytest.mark.parametrize("packed, reverse", [(False, False), (True, True)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_time_loop_in_one_parallel_region(kind, packed, reverse, threads, rows):
     """The CPU float32 time loop of a few rows, which runs in one parallel region with the hidden units split
-    between threads (H = 100, 150: a part panel at the end; 3 threads on 2 cores: uneven split, waiting threads),
-    its forward on W_hh packed (7 rows) or as it is (3 rows), against fastseq.reference.rnn_layer in float64:
+    between threads (H = 100, 260: a part panel at the end; 3 threads on 2 cores: uneven split, waiting threads),
+    its forward on W_hh packed (7 rows) or as it is (1 row), against fastseq.reference.rnn_layer in float64:
     outputs and the gradients of every input."""
     gen = torch.Generator().manual_seed(11)
     rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    T, N, C, H, G = 5, rows, 9, 100 if rows == 7 else 150, GATES[kind]  # N * H * G*H >= 2 * 32768: 2+ workers
-    batch_sizes = torch.tensor([7, 6, 6, 3, 1] if rows == 7 else [3, 3, 2, 2, 1]) if packed else None
+    T, N, C, H, G = 5, rows, 9, 100 if rows == 7 else 260, GATES[kind]  # N * H * G*H >= 2 * 32768: 2+ workers
+    batch_sizes = torch.tensor([7, 6, 6, 3, 1] if rows == 7 else [1] * 5) if packed else None
     x = rn(int(batch_sizes.sum()), C) if packed else rn(T, N, C)
     args = [x, rn(N, H), rn(N, H) if kind == "lstm" else None, rn(G * H, C) * 0.3, rn(G * H, H) * 0.1,
             rn(G * H), rn(G * H), None]

@@ -4,7 +4,7 @@
 // the recurrent GEMMs, and the whole time loop in one parallel region for float32 layers of few rows. Gate math in
 // at::opmath_type<scalar_t>; buffers in the input dtype. Supported dtypes: float32, float64, bfloat16. The per-step
 // recurrent GEMMs (h W_hh^T forward, dgates W_hh backward) of float32 steps with few rows run a hand-written GEMM on
-// W_hh packed once per call (layers of more than one step), or at most 4 rows the cells' matrix-vector products on
+// W_hh packed once per call (layers of more than one step), or for one row the cells' matrix-vector products on
 // W_hh as it is (forward); others call the library GEMM. Float32 layers of few rows without projection run the
 // whole time loop in one parallel region, the hidden units split between threads (forward_sliced, backward_sliced).
 #include "rnn_layer.h"
@@ -382,8 +382,8 @@ class CpuSteps final : public CellSteps {
            L.w_ih.const_data_ptr<float>(), L.w_ih.size(0), out.mutable_data_ptr<float>(), out.stride(0));
   }
 
-  // Float32 layers of at most kDotRows rows run cell::dot_mm on W_hh as it is (no packed copy); other float32
-  // steps of at most kSmallRows rows the packed GEMM on W_hh^T (K = Hout, G groups of H columns).
+  // Float32 layers where dots() run cell::dot_mm on W_hh as it is (no packed copy); other float32 steps of at
+  // most kSmallRows rows the packed GEMM on W_hh^T (K = Hout, G groups of H columns).
   void recurrent_fwd(const at::Tensor& out, const at::Tensor& h) override {
     const int64_t rows = h.size(0);
     if (dots()) {
@@ -427,9 +427,13 @@ class CpuSteps final : public CellSteps {
  private:
   // Float32 layers of at most kSlicedRows rows without projection run the time loop in one parallel region.
   bool sliced() const { return dtype_ == at::kFloat && copies_w_hh_ && L.N <= kSlicedRows && !L.proj; }
-  // Float32 layers of at most kDotRows rows multiply W_hh as it is in the forward (cell::dot_block): each step
-  // streams W_hh once either way, and no copy is made (nor held: inference then keeps no packed W_hh).
-  bool dots() const { return dtype_ == at::kFloat && L.N <= kDotRows && L.w_hh.is_contiguous(); }
+  // Float32 forwards that multiply W_hh as it is (cell::dot_block) instead of a packed copy: one row (each step
+  // streams W_hh once either way: measured even at T = 100, H = 256-1024, and no copy is made or held), or at most
+  // kDotRows rows in a single step (no copy is made then either). At 2-4 rows over longer sequences the packed GEMM
+  // is 1.1-1.3x faster (its panel rows are reused across the rows in registers).
+  bool dots() const {
+    return dtype_ == at::kFloat && L.w_hh.is_contiguous() && (L.N == 1 || (!copies_w_hh_ && L.N <= kDotRows));
+  }
   // W_hh packed, once per call: W_hh^T for the forward, W_hh for the backward (a call uses one of them; they share
   // the thread's panel buffer).
   const Panels& forward_panels() {
