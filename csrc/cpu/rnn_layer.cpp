@@ -333,11 +333,12 @@ constexpr int64_t kSlicedRows = 16;
 // Otherwise a GEMM of a few rows with W_hh^T is a matrix-vector product, which runs faster (measured ~25% with MKL
 // at H = 512) streaming a row-major copy of W_hh^T than reading W_hh's rows as columns.
 constexpr int64_t kFewRows = 8;
-// Both copies of W_hh (the packed panels, W_hh^T) cost about two passes over W_hh (a read and a write), repaid
-// only over more than one step, each of which reads W_hh once: a layer of one step (rows of x per row of the batch,
-// the average length of packed sequences) multiplies W_hh as it is (the library GEMM, or dots()). Measured on 2
-// cores, H = 512, N in {1, 16}: at T = 1 1.0-1.2x faster forward, 1.2-1.9x forward+backward; at T = 2 the copies
-// are even or ahead.
+// A copy of W_hh (the packed panels, W_hh^T) costs about two passes over W_hh (a read and a write), repaid only
+// over more than one step, each of which reads W_hh once: a layer of one step (rows of x per row of the batch, the
+// average length of packed sequences) multiplies W_hh as it is in its backward, and in its forward at most
+// kDotRows rows (dots()). Measured on 2 cores, H = 512: at T = 1 forward+backward 1.2-1.9x faster at N in {1, 16};
+// at T = 2 the copies are even or ahead. A one-step forward of 16-64 rows still packs W_hh: the library GEMM on
+// W_hh^T there is 5-10% slower than packing and the packed GEMM (measured alternated in one process).
 constexpr int64_t kCopyMinSteps = 2;
 
 class CpuSteps final : public CellSteps {
@@ -389,7 +390,7 @@ class CpuSteps final : public CellSteps {
     if (dots()) {
       dot_mm(h.const_data_ptr<float>(), h.stride(0), rows, L.Hout, L.w_hh.const_data_ptr<float>(), L.G * L.H,
              out.mutable_data_ptr<float>(), out.stride(0));
-    } else if (dtype_ == at::kFloat && copies_w_hh_ && rows <= kSmallRows) {
+    } else if (dtype_ == at::kFloat && rows <= kSmallRows) {
       packed_gemm(forward_panels(), h.const_data_ptr<float>(), h.stride(0), rows, out.mutable_data_ptr<float>(),
                   out.stride(0), false);
     } else if (copies_w_hh_ && rows < kFewRows) {
@@ -509,7 +510,7 @@ class CpuSteps final : public CellSteps {
   }
 
   at::ScalarType dtype_;
-  bool copies_w_hh_;  // whether the sequence is long enough to repay a packed copy of W_hh (kCopyMinSteps)
+  bool copies_w_hh_;  // whether the sequence is long enough to repay a copy of W_hh in every case (kCopyMinSteps)
   at::Tensor bias_;  // b_ih + b_hh (G*H) or the GRU layout (4H, gru_bias), opmath
   at::Tensor peep_;  // (3, H) opmath, or undefined
   at::Tensor w_hh_tc_;  // W_hh^T contiguous, for steps of fewer than kFewRows rows (not float32, copies_w_hh_)
