@@ -86,15 +86,10 @@ def _forward(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, 
     with batch_sizes (T,) int64 on the CPU), h0 (N, Hout), c0 (N, H) (LSTM modes, else None), w_ih (G*H, C),
     w_hh (G*H, Hout), b_ih, b_hh (G*H,), w_hr (Hout, H) (LSTM projection; Hout = H without), peephole (3, H)
     (peephole_lstm)."""
-    backend = _select(x)
-    if backend == "reference":
-        y, h_n, c_n = reference.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes,
-                                          peephole)
+    y, h_n, c_n, saved = _run(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes, True)
+    if saved is None:  # the reference backend: zeros, unused
         s = _shapes(mode, x, h0, w_hh, w_hr, batch_sizes)
-        return (y, h_n, _or_empty(c_n, x), *(x.new_zeros(s[k]) for k in ("h_seq", "gates", "c_seq", "h_raw")))
-    y, h_n, c_n, saved = backends.extension().rnn_layer_fwd(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
-        _steps(backend, mode, b_ih, b_hh, peephole), True)
+        saved = [x.new_zeros(s[k]) for k in ("h_seq", "gates", "c_seq", "h_raw")]
     return (y, h_n, *(_or_empty(t, x) for t in (c_n, *saved)))
 
 
@@ -104,13 +99,20 @@ def _infer(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_
     """y, h_n, c_n (None without a cell state) of _forward for a forward that no backward follows: the copy of every
     step's h that the backward would read is not made (inference holds y, the loop's gate and c buffers and nothing
     more)."""
+    return _run(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes, False)[:3]
+
+
+def _run(mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+         b_hh: Tensor | None, w_hr: Tensor | None, peephole: Tensor | None, reverse: bool,
+         batch_sizes: Tensor | None, need_saved: bool) -> tuple:
+    """y, h_n, c_n (None without a cell state) and the four tensors a backward reads (None from the reference
+    backend; None each where absent or not need_saved) on the backend select picks."""
     backend = _select(x)
     if backend == "reference":
-        return reference.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes, peephole)
-    y, h_n, c_n, _ = backends.extension().rnn_layer_fwd(
-        mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse, batch_sizes,
-        _steps(backend, mode, b_ih, b_hh, peephole), False)
-    return y, h_n, c_n
+        return (*reference.rnn_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes, peephole),
+                None)
+    return backends.extension().rnn_layer_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, reverse,
+                                              batch_sizes, _steps(backend, mode, b_ih, b_hh, peephole), need_saved)
 
 
 rnn_layer = torch.library.custom_op("fastseq::rnn_layer", _forward, mutates_args=())
